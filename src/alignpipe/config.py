@@ -97,9 +97,8 @@ def from_dict(cls: type[C], values: Mapping[str, Any], _prefix: str = "") -> C:
     unknown = sorted(set(values) - known)
     if unknown:
         where = f" in {_prefix.rstrip('.')}" if _prefix else ""
-        raise ConfigError(
-            f"unknown option {_prefix}{unknown[0]}{where}; valid options: {', '.join(sorted(known))}"
-        )
+        valid = ", ".join(sorted(known))
+        raise ConfigError(f"unknown option {_prefix}{unknown[0]}{where}; valid options: {valid}")
     kwargs = {}
     for name, value in values.items():
         kwargs[name] = _coerce(hints[name], value, f"{_prefix}{name}")

@@ -1,0 +1,44 @@
+# alignpipe developer workflow. `make demo` and `make test` set themselves up on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where the CPU build of torch comes from when the configured package sources do not have it.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+DEMO_DIR ?= demo-output
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint format demo clean
+
+setup: $(VENV)/.installed
+
+# Torch goes in first: on a machine without a GPU an unpinned torch would pull a multi-GB CUDA
+# build as a dependency of the package. With a GPU, the package's own torch requirement decides.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" || \
+	  $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: setup
+	$(BIN)/python -m alignpipe.demo --output $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

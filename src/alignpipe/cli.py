@@ -1,0 +1,250 @@
+"""The ``alignpipe`` command: one subcommand per stage, plus helpers for local work.
+
+This is the one boundary where library errors become one-line messages and exit statuses:
+0 on success, 2 on bad input or usage. Anything else is a bug and keeps its traceback.
+
+Arguments after the subcommand are input paths, ``key=value`` config overrides (an argument is
+an override when it looks like ``name=...`` or ``section.name=...`` and is not an existing path),
+and options. ``--config FILE`` loads a YAML file first; overrides apply on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from alignpipe import __version__
+from alignpipe.config import describe, load_config
+from alignpipe.errors import AlignpipeError, ConfigError
+
+log = logging.getLogger("alignpipe")
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    config: Callable[[], type]
+    handler: Callable[[Any, argparse.Namespace, list[str]], str]
+    takes_inputs: bool = True
+
+
+def _data_stage(module: str) -> Callable[[Any, argparse.Namespace, list[str]], str]:
+    def handle(config: Any, args: argparse.Namespace, inputs: list[str]) -> str:
+        import importlib
+
+        from alignpipe.tracking import stage_run
+
+        stage = importlib.import_module(f"alignpipe.{module}")
+        with stage_run(
+            module,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            parent_run_id=args.parent_run_id,
+        ) as tracker:
+            result = stage.run(config, inputs, args.output, tracker=tracker)
+        s = result.stats
+        return (
+            f"{module}: read {s['read']}, kept {s['kept']} (train {s['train']}, eval "
+            f"{s['eval']}), quarantined {s['quarantined']}; format {s['format']} -> {args.output}"
+        )
+
+    return handle
+
+
+def _synth(config: Any, args: argparse.Namespace, inputs: list[str]) -> str:
+    from alignpipe import synthetic
+
+    paths = synthetic.write_task(config, args.output)
+    return "synth: wrote " + ", ".join(str(p) for p in paths.values())
+
+
+def _tiny_model(config: Any, args: argparse.Namespace, inputs: list[str]) -> str:
+    from alignpipe import models
+    from alignpipe.data.readers import read_rows
+
+    texts = []
+    for uri in inputs:
+        for row in read_rows(uri):
+            if row.data is not None:
+                texts.extend(_strings(row.data))
+    if not texts:
+        raise ConfigError("tiny-model needs text to train its tokenizer; pass a JSONL corpus")
+    model, _ = models.build_tiny_model(texts, config, args.output)
+    params = sum(p.numel() for p in model.parameters())
+    return f"tiny-model: {params:,} parameters -> {args.output}"
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _prep_config() -> type:
+    from alignpipe.prep import PrepConfig
+
+    return PrepConfig
+
+
+def _ingest_config() -> type:
+    from alignpipe.ingest import IngestConfig
+
+    return IngestConfig
+
+
+def _synth_config() -> type:
+    from alignpipe.synthetic import SyntheticTaskOptions
+
+    return SyntheticTaskOptions
+
+
+def _tiny_config() -> type:
+    from alignpipe.models import TinyModelOptions
+
+    return TinyModelOptions
+
+
+COMMANDS = (
+    Command("prep", "normalize instruction/chat/pair data into train/eval splits", _prep_config,
+            _data_stage("prep")),
+    Command("ingest", "turn preference pairs, feedback or annotation exports into pairs",
+            _ingest_config, _data_stage("ingest")),
+    Command("synth", "write the built-in synthetic task (SFT data, prompts, annotator votes)",
+            _synth_config, _synth, takes_inputs=False),
+    Command("tiny-model", "build a tiny causal LM and tokenizer from a text corpus",
+            _tiny_config, _tiny_model),
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="alignpipe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"alignpipe {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("ALIGNPIPE_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        what = "INPUT... " if cmd.takes_inputs else ""
+        p.add_argument(
+            "args", nargs="*", metavar=f"{what}key=value", help="inputs and config overrides"
+        )
+        p.add_argument("--output", "-o", required=True, help="output folder or s3:// prefix")
+        p.add_argument("--config", "-c", help="YAML file of config options")
+        p.add_argument("--show-options", action="store_true", help=argparse.SUPPRESS)
+        if cmd.takes_inputs and cmd.name in ("prep", "ingest"):
+            p.add_argument("--format", help="input layout; default: auto-detect")
+            p.add_argument(
+                "--map",
+                action="append",
+                default=[],
+                metavar="FIELD=COLUMN",
+                help="read FIELD of the layout from COLUMN of the input (repeatable)",
+            )
+            p.add_argument(
+                "--tracking-uri",
+                default=os.environ.get("MLFLOW_TRACKING_URI"),
+                help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; unset = no tracking)",
+            )
+            p.add_argument("--experiment", default="alignpipe", help="MLflow experiment name")
+            p.add_argument("--parent-run-id", help="log as a child of this MLflow run")
+        p.set_defaults(command_spec=cmd)
+    options = sub.add_parser("options", help="list a command's config options with help")
+    options.add_argument("stage", choices=[c.name for c in COMMANDS])
+    return parser
+
+
+def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate input paths from ``key=value`` overrides."""
+    inputs, overrides = [], []
+    for arg in args:
+        is_override = (
+            _OVERRIDE.match(arg) and not arg.startswith("s3://") and not Path(arg).exists()
+        )
+        (overrides if is_override else inputs).append(arg)
+    return inputs, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        if args.command == "options":
+            cmd = next(c for c in COMMANDS if c.name == args.stage)
+            for name, typ, default, text in describe(cmd.config()):
+                print(f"{name} ({typ}, default {json.dumps(default, default=str)}): {text}")
+            return EXIT_OK
+        cmd: Command = args.command_spec
+        inputs, overrides = split_args(args.args)
+        if inputs and not cmd.takes_inputs:
+            parser.error(f"{cmd.name} takes no inputs, got {inputs[0]!r}")
+        if cmd.takes_inputs and not inputs:
+            parser.error(f"{cmd.name} needs at least one input file, folder or s3:// URI")
+        extra = {}
+        if getattr(args, "format", None):
+            extra["format"] = args.format
+        if getattr(args, "map", None):
+            extra["mapping"] = dict(_field_column(m) for m in args.map)
+        config = load_config(cmd.config(), args.config, [*_dotted(extra), *overrides])
+        print(cmd.handler(config, args, inputs))
+        return EXIT_OK
+    except AlignpipeError as err:
+        print(f"alignpipe {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("alignpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+def _field_column(item: str) -> tuple[str, str]:
+    field, sep, column = item.partition("=")
+    if not sep or not field or not column:
+        raise ConfigError(f"--map {item!r} is not FIELD=COLUMN; e.g. --map prompt=question")
+    return field, column
+
+
+def _dotted(values: dict[str, Any]) -> list[str]:
+    # go through the same YAML parsing as user overrides, so types coerce the same way
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("urllib3", "botocore", "boto3", "s3transfer", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
