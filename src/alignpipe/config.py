@@ -62,7 +62,7 @@ def describe(cls: type) -> list[tuple[str, str, Any, str]]:
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings; values are read as YAML scalars (``8``, ``true``, ``[a, b]``)."""
+    """Parse ``key=value`` strings; values are YAML scalars (``8``, ``true``, ``[a, b]``)."""
     parsed: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
