@@ -5,7 +5,14 @@ from typing import Literal
 
 import pytest
 
-from alignpipe.config import describe, flatten, load_config, option, parse_overrides
+from alignpipe.config import (
+    describe,
+    flatten,
+    is_secret_key,
+    load_config,
+    option,
+    parse_overrides,
+)
 from alignpipe.errors import ConfigError
 
 
@@ -100,3 +107,22 @@ def test_parse_overrides_reads_yaml_scalars():
         "c": "",
         "d": [1, 2],
     }
+
+
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("aws_secret_access_key", True),
+        ("storage.password", True),
+        ("hf_token", True),
+        ("auth.token", True),
+        ("openai_api_key", True),
+        ("max_new_tokens", False),
+        ("pad_token", False),
+        ("tokenizer", False),
+        ("eos_token_id", False),
+        ("keyword", False),
+    ],
+)
+def test_secret_keys_are_whole_words(key, secret):
+    assert is_secret_key(key) is secret

@@ -9,6 +9,8 @@ from YAML files plus ``key=value`` overrides (dotted keys reach nested configs),
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -21,8 +23,19 @@ from alignpipe.errors import ConfigError
 
 C = TypeVar("C")
 
-# Field names whose values are never logged or printed (see `flatten`).
-SECRET_MARKERS = ("password", "secret", "token", "access_key", "credential", "api_key")
+# Words that make a field name a credential; its value is never logged or printed.
+SECRET_WORDS = frozenset({"password", "passwd", "secret", "credential", "credentials", "apikey"})
+SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key")})
+# "token" is a secret (hf_token, auth_token) unless it names a vocabulary entry (pad_token).
+VOCAB_TOKENS = frozenset({"pad", "bos", "eos", "unk", "sep", "cls", "mask", "special", "chat"})
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a dotted option or tag name holds a credential (whole words, not substrings)."""
+    words = re.split(r"[._\-\s]+", key.lower())
+    if SECRET_WORDS.intersection(words) or SECRET_PAIRS.intersection(itertools.pairwise(words)):
+        return True
+    return "token" in words and not VOCAB_TOKENS.intersection(words)
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
@@ -127,7 +140,7 @@ def flatten(config: Any, redact: bool = True) -> dict[str, str]:
                 walk(getattr(value, f.name), f"{prefix}{f.name}.")
             return
         key = prefix.rstrip(".")
-        if redact and any(m in key.lower() for m in SECRET_MARKERS) and value not in (None, ""):
+        if redact and is_secret_key(key) and value not in (None, ""):
             flat[key] = "***"
         else:
             flat[key] = "" if value is None else str(value)
