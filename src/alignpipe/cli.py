@@ -189,7 +189,13 @@ def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # inputs and overrides may come after options; argparse leaves those for a second look
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown or (rest and args.command == "options"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    if rest:
+        args.args = [*args.args, *rest]
     _configure_logging(args.log_level)
     try:
         if args.command == "options":

@@ -266,7 +266,13 @@ def collect(
     Returns the layout name, the shape it produces, the normalized candidates and quarantine
     entries for rows that could not be parsed or normalized. All inputs must share one layout.
     """
-    from alignpipe.data.layouts import LAYOUTS, RowError, detect_layout, normalize
+    from alignpipe.data.layouts import (
+        LAYOUTS,
+        RowError,
+        detect_layout,
+        normalize,
+        resolve_layout,
+    )
     from alignpipe.data.readers import read_rows
 
     if not inputs:
@@ -281,8 +287,9 @@ def collect(
         layout = given
         if layout is None:
             head, rows = _peek(rows, 20)
-            layout = detect_layout([r.data for r in head if r.data is not None])
+            layout = detect_layout([r.data for r in head if r.data is not None], options.mapping)
             log.info("detected layout %s in %s", layout.name, uri)
+        layout = resolve_layout(layout, options.mapping)
         if shape is not None and layout.shape != shape:
             raise DataError(
                 f"{uri} holds {layout.shape} records but earlier inputs hold {shape} records; "
