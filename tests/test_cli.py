@@ -168,3 +168,25 @@ def test_split_args_tells_inputs_from_overrides(tmp_path):
     inputs, overrides = split_args(["x.jsonl", "seed=3", "lora.r=4", str(odd), "s3://b/k=v"])
     assert inputs == ["x.jsonl", str(odd), "s3://b/k=v"]
     assert overrides == ["seed=3", "lora.r=4"]
+
+
+def test_synth_then_tiny_model_then_ingest(tmp_path, capsys):
+    code, out, _ = run_cli(
+        capsys, "synth", "-o", str(tmp_path / "task"), "num_sft=50", "num_pairs=20"
+    )
+    assert code == 0 and "votes.jsonl" in out
+    votes = tmp_path / "task/votes.jsonl"
+    assert len(votes.read_text().splitlines()) == 20 * 3  # three annotators by default
+    corpus = tmp_path / "task/sft.jsonl"
+    code, out, _ = run_cli(
+        capsys, "tiny-model", str(corpus), "-o", str(tmp_path / "m"), "num_layers=1"
+    )
+    assert code == 0 and out.startswith("tiny-model:")
+    assert (tmp_path / "m/model.safetensors").exists()
+    code, out, _ = run_cli(
+        capsys, "ingest", str(votes), "-o", str(tmp_path / "p"), f"tokenizer={tmp_path / 'm'}"
+    )
+    assert code == 0 and "format votes" in out
+    stats = json.loads((tmp_path / "p/stats.json").read_text())
+    assert stats["token_checks"] == "chat template and length"
+    assert stats["judgements"] == 60

@@ -233,3 +233,20 @@ def test_stage_logs_params_metrics_and_datasets(tmp_path):
     logged = {key: value for key, value, _ in tracker.metrics}
     assert logged["read"] == 10.0 and logged["kept"] == 10.0
     assert {d["context"] for d in tracker.datasets} == {"train", "eval"}
+
+
+@pytest.mark.integration
+def test_ingest_reads_and_writes_s3(s3_env, sample_data):
+    from alignpipe import storage
+
+    src = f"{s3_env}/raw/orca.jsonl"
+    storage.upload(sample_data / "orca_dpo_pairs_openai_format/validation.jsonl", src)
+    result = ingest.run(ingest.IngestConfig(), [src], f"{s3_env}/prepared")
+    stats = json.loads(storage.read_text(f"{s3_env}/prepared/stats.json"))
+    assert stats == result.stats
+    assert stats["read"] == 284 == stats["kept"] + stats["quarantined"]
+    assert read_split(f"{s3_env}/prepared", "train") == result.train
+    assert storage.list_files(f"{s3_env}/prepared") == [
+        f"{s3_env}/prepared/{name}"
+        for name in ("eval.parquet", "quarantine.jsonl", "stats.json", "train.parquet")
+    ]
