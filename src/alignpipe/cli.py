@@ -42,14 +42,29 @@ class _Parser(argparse.ArgumentParser):
 class Command:
     name: str
     help: str
-    config: Callable[[], type]
+    config: str  # "module:ConfigClass" under alignpipe, imported only when the command runs
     handler: Callable[[Any, argparse.Namespace, list[str]], str]
     takes_inputs: bool = True
+    tracked: bool = True
+
+    def config_class(self) -> type:
+        import importlib
+
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(f"alignpipe.{module}"), name)
 
 
-def _data_stage(module: str) -> Callable[[Any, argparse.Namespace, list[str]], str]:
+def _stage(module: str, many: bool = False) -> Callable[[Any, argparse.Namespace, list[str]], str]:
+    """A handler running ``alignpipe.<module>.run(config, data, output, tracker)``.
+
+    Data stages (``many``) take a list of inputs; training stages take one data folder.
+    """
+
     def handle(config: Any, args: argparse.Namespace, inputs: list[str]) -> str:
         import importlib
+
+        if not many and len(inputs) != 1:
+            raise ConfigError(f"{module} takes one data folder, got {len(inputs)} inputs")
 
         from alignpipe.tracking import stage_run
 
@@ -60,14 +75,24 @@ def _data_stage(module: str) -> Callable[[Any, argparse.Namespace, list[str]], s
             experiment=args.experiment,
             parent_run_id=args.parent_run_id,
         ) as tracker:
-            result = stage.run(config, inputs, args.output, tracker=tracker)
-        s = result.stats
-        return (
-            f"{module}: read {s['read']}, kept {s['kept']} (train {s['train']}, eval "
-            f"{s['eval']}), quarantined {s['quarantined']}; format {s['format']} -> {args.output}"
-        )
+            data = inputs if many else inputs[0]
+            result = stage.run(config, data, args.output, tracker=tracker)
+        return _summary(module, result, args.output)
 
     return handle
+
+
+def _summary(stage: str, result: Any, output: str) -> str:
+    stats = getattr(result, "stats", None)
+    if stats is not None:
+        return (
+            f"{stage}: read {stats['read']}, kept {stats['kept']} (train {stats['train']}, eval "
+            f"{stats['eval']}), quarantined {stats['quarantined']}; format {stats['format']} "
+            f"-> {output}"
+        )
+    metrics = getattr(result, "metrics", {}) or {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())[:8])
+    return f"{stage}: {shown} -> {output}"
 
 
 def _synth(config: Any, args: argparse.Namespace, inputs: list[str]) -> str:
@@ -103,46 +128,27 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def _prep_config() -> type:
-    from alignpipe.prep import PrepConfig
-
-    return PrepConfig
-
-
-def _ingest_config() -> type:
-    from alignpipe.ingest import IngestConfig
-
-    return IngestConfig
-
-
-def _synth_config() -> type:
-    from alignpipe.synthetic import SyntheticTaskOptions
-
-    return SyntheticTaskOptions
-
-
-def _tiny_config() -> type:
-    from alignpipe.models import TinyModelOptions
-
-    return TinyModelOptions
-
-
 COMMANDS = (
-    Command("prep", "normalize instruction/chat/pair data into train/eval splits", _prep_config,
-            _data_stage("prep")),
+    Command("prep", "normalize instruction/chat/pair data into train/eval splits",
+            "prep:PrepConfig", _stage("prep", many=True)),
     Command("ingest", "turn preference pairs, feedback or annotation exports into pairs",
-            _ingest_config, _data_stage("ingest")),
+            "ingest:IngestConfig", _stage("ingest", many=True)),
     Command("synth", "write the built-in synthetic task (SFT data, prompts, annotator votes)",
-            _synth_config, _synth, takes_inputs=False),
+            "synthetic:SyntheticTaskOptions", _synth, takes_inputs=False, tracked=False),
     Command("tiny-model", "build a tiny causal LM and tokenizer from a text corpus",
-            _tiny_config, _tiny_model),
+            "models:TinyModelOptions", _tiny_model, tracked=False),
 )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alignpipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"alignpipe {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("ALIGNPIPE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=os.environ.get("ALIGNPIPE_LOG_LEVEL", "INFO").upper(),
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for cmd in COMMANDS:
@@ -153,8 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--output", "-o", required=True, help="output folder or s3:// prefix")
         p.add_argument("--config", "-c", help="YAML file of config options")
-        p.add_argument("--show-options", action="store_true", help=argparse.SUPPRESS)
-        if cmd.takes_inputs and cmd.name in ("prep", "ingest"):
+        if cmd.name in ("prep", "ingest"):
             p.add_argument("--format", help="input layout; default: auto-detect")
             p.add_argument(
                 "--map",
@@ -163,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="FIELD=COLUMN",
                 help="read FIELD of the layout from COLUMN of the input (repeatable)",
             )
+        if cmd.tracked:
             p.add_argument(
                 "--tracking-uri",
                 default=os.environ.get("MLFLOW_TRACKING_URI"),
@@ -200,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "options":
             cmd = next(c for c in COMMANDS if c.name == args.stage)
-            for name, typ, default, text in describe(cmd.config()):
+            for name, typ, default, text in describe(cmd.config_class()):
                 print(f"{name} ({typ}, default {json.dumps(default, default=str)}): {text}")
             return EXIT_OK
         cmd: Command = args.command_spec
@@ -214,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra["format"] = args.format
         if getattr(args, "map", None):
             extra["mapping"] = dict(_field_column(m) for m in args.map)
-        config = load_config(cmd.config(), args.config, [*_dotted(extra), *overrides])
+        config = load_config(cmd.config_class(), args.config, [*_dotted(extra), *overrides])
         print(cmd.handler(config, args, inputs))
         return EXIT_OK
     except AlignpipeError as err:

@@ -1,0 +1,171 @@
+"""What every training stage shares: the options of a run, the device, checkpoints, logging.
+
+SFT, DPO and the reward model each wrap a TRL trainer. They build its config from
+:class:`TrainingOptions` through :func:`trainer_arguments`, find the checkpoint to resume from
+with :func:`last_checkpoint`, and report to the stage's tracker through :class:`TrackerCallback`,
+so that these concerns are written once and cannot drift apart between stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from alignpipe.config import option
+from alignpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainingOptions:
+    """The optimisation loop shared by every training stage."""
+
+    max_steps: int = option(200, help="Optimizer steps to train for (wins over num_epochs).")
+    learning_rate: float = option(5e-4, help="Peak learning rate.")
+    batch_size: int = option(16, help="Examples per device per forward pass.")
+    gradient_accumulation_steps: int = option(
+        1, help="Forward passes per optimizer step; the effective batch is their product."
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
+        "linear", help="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = option(0.0, help="Share of steps spent warming up the learning rate.")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    max_grad_norm: float = option(1.0, help="Clip gradients to this global norm.")
+    logging_steps: int = option(10, help="Log training metrics every this many steps.")
+    eval_steps: int | None = option(
+        None, help="Evaluate every this many steps; unset = only at the end."
+    )
+    save_steps: int = option(50, help="Write a checkpoint every this many steps (for resume).")
+    save_total_limit: int = option(2, help="Keep at most this many checkpoints.")
+    seed: int = option(0, help="Seed of initialisation, shuffling and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", help="Numeric precision; auto = bf16 on a GPU that supports it, else fp32."
+    )
+    gradient_checkpointing: bool = option(
+        False, help="Trade compute for memory; worth it for large models only."
+    )
+    num_threads: int | None = option(None, help="CPU threads for torch; unset = torch's default.")
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"training.learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def resolve_precision(precision: str) -> tuple[bool, bool]:
+    """Return ``(bf16, fp16)`` flags for the device at hand; fail early on impossible asks."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return (cuda and torch.cuda.is_bf16_supported(), False)
+    if precision == "fp16" and not cuda:
+        raise ConfigError("precision=fp16 needs a CUDA device; use precision=fp32 on a CPU")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bf16 support; use precision=fp16 or fp32")
+    return (precision == "bf16", precision == "fp16")
+
+
+def trainer_arguments(options: TrainingOptions, output_dir: str | Path) -> dict[str, Any]:
+    """Keyword arguments for a TRL config (SFTConfig, DPOConfig, RewardConfig).
+
+    TRL defaults to bf16 and gradient checkpointing, which fail or crawl on a CPU; both are set
+    here from the options and the device rather than left to the defaults.
+    """
+    bf16, fp16 = resolve_precision(options.precision)
+    if options.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(options.num_threads)
+    return {
+        "output_dir": str(Path(output_dir) / CHECKPOINT_DIR),
+        "max_steps": options.max_steps,
+        "learning_rate": options.learning_rate,
+        "per_device_train_batch_size": options.batch_size,
+        "per_device_eval_batch_size": options.batch_size,
+        "gradient_accumulation_steps": options.gradient_accumulation_steps,
+        "lr_scheduler_type": options.lr_scheduler,
+        "warmup_ratio": options.warmup_ratio,
+        "weight_decay": options.weight_decay,
+        "max_grad_norm": options.max_grad_norm,
+        "logging_steps": options.logging_steps,
+        "logging_first_step": True,
+        "eval_strategy": "steps" if options.eval_steps else "no",
+        "eval_steps": options.eval_steps,
+        "save_strategy": "steps",
+        "save_steps": options.save_steps,
+        "save_total_limit": options.save_total_limit,
+        "seed": options.seed,
+        "data_seed": options.seed,
+        "bf16": bf16,
+        "fp16": fp16,
+        "gradient_checkpointing": options.gradient_checkpointing,
+        "report_to": "none",
+        "disable_tqdm": not _interactive(),
+        "dataloader_num_workers": 0,
+        "use_cpu": not _cuda(),
+    }
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints``, or None."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        match = _CHECKPOINT.match(child.name)
+        # the trainer state is written last; a checkpoint without it was interrupted mid-save
+        if match and (child / "trainer_state.json").exists():
+            found.append((int(match.group(1)), child))
+    if not found:
+        return None
+    step, path = max(found)
+    log.info("resuming from checkpoint at step %d: %s", step, path)
+    return str(path)
+
+
+def tracker_callback(tracker: Any, prefix: str = "") -> Any:
+    """A transformers callback sending the trainer's logs to ``tracker`` with their step."""
+    from transformers import TrainerCallback
+
+    class TrackerCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numeric = {
+                f"{prefix}{k}": float(v)
+                for k, v in (logs or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            if numeric:
+                tracker.log_metrics(numeric, step=state.global_step)
+
+    return TrackerCallback()
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged run logs a large number instead of inf."""
+    return math.exp(min(loss, 50.0))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _interactive() -> bool:
+    return os.isatty(2) and "KFP_POD_NAME" not in os.environ
