@@ -583,3 +583,14 @@ def test_s3_prefix_without_config_is_refused(s3_env, s3_raw, tmp_path):
     s3_raw.put_object(Bucket=bucket, Key="junk/readme.txt", Body=b"not a model")
     with pytest.raises(ModelError, match=re.escape("holds no config.json")):
         resolve_model(f"{s3_env}/junk", cache_dir=tmp_path)
+
+
+def test_a_stage_output_folder_resolves_to_its_model(tmp_path, tiny_tokenizer_dir):
+    import shutil
+
+    from alignpipe.models import resolve_model
+
+    stage_output = tmp_path / "sft-output"
+    shutil.copytree(tiny_tokenizer_dir, stage_output / "model")
+    (stage_output / "checkpoints").mkdir()
+    assert resolve_model(str(stage_output)) == str((stage_output / "model").resolve())

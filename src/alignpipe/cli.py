@@ -54,30 +54,22 @@ class Command:
         return getattr(importlib.import_module(f"alignpipe.{module}"), name)
 
 
-def _stage(module: str, many: bool = False) -> Callable[[Any, argparse.Namespace, list[str]], str]:
-    """A handler running ``alignpipe.<module>.run(config, data, output, tracker)``.
-
-    Data stages (``many``) take a list of inputs; training stages take one data folder.
-    """
+def _stage(name: str) -> Callable[[Any, argparse.Namespace, list[str]], str]:
+    """A handler that runs a library stage through :func:`alignpipe.runner.run_stage`."""
 
     def handle(config: Any, args: argparse.Namespace, inputs: list[str]) -> str:
-        import importlib
+        from alignpipe.runner import run_stage
 
-        if not many and len(inputs) != 1:
-            raise ConfigError(f"{module} takes one data folder, got {len(inputs)} inputs")
-
-        from alignpipe.tracking import stage_run
-
-        stage = importlib.import_module(f"alignpipe.{module}")
-        with stage_run(
-            module,
+        result = run_stage(
+            name,
+            inputs,
+            args.output,
+            config=config,
             tracking_uri=args.tracking_uri,
             experiment=args.experiment,
             parent_run_id=args.parent_run_id,
-        ) as tracker:
-            data = inputs if many else inputs[0]
-            result = stage.run(config, data, args.output, tracker=tracker)
-        return _summary(module, result, args.output)
+        )
+        return _summary(name, result, args.output)
 
     return handle
 
@@ -130,9 +122,9 @@ def _strings(value: Any) -> list[str]:
 
 COMMANDS = (
     Command("prep", "normalize instruction/chat/pair data into train/eval splits",
-            "prep:PrepConfig", _stage("prep", many=True)),
+            "prep:PrepConfig", _stage("prep")),
     Command("ingest", "turn preference pairs, feedback or annotation exports into pairs",
-            "ingest:IngestConfig", _stage("ingest", many=True)),
+            "ingest:IngestConfig", _stage("ingest")),
     Command("synth", "write the built-in synthetic task (SFT data, prompts, annotator votes)",
             "synthetic:SyntheticTaskOptions", _synth, takes_inputs=False, tracked=False),
     Command("tiny-model", "build a tiny causal LM and tokenizer from a text corpus",

@@ -87,10 +87,6 @@ def run(
     # write and log
     files = write(result, output)
     log_result(tracker, result, files)
-    if "agreement" in result.stats:
-        tracker.log_metrics(
-            {f"agreement_{k}": v for k, v in result.stats["agreement"].items() if v is not None}
-        )
     log.info(
         "ingest: read %d, kept %d, quarantined %d (format %s)",
         result.stats["read"],

@@ -196,6 +196,7 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> str:
     Returns:
         The hub id unchanged (transformers resolves it later, respecting ``HF_HUB_OFFLINE``), or
         the absolute path of a local folder holding ``config.json`` (or ``adapter_config.json``).
+        A training stage's output folder resolves to the ``model/`` folder inside it.
 
     Raises:
         ModelError: The reference is empty, names a missing folder or one that holds no model,
@@ -226,12 +227,19 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> str:
     return ref
 
 
+# A training stage writes its model to OUTPUT/model; the output folder is a reference too.
+STAGE_MODEL_DIR = "model"
+
+
 def _check_model_folder(path: Path, ref: str) -> Path:
     path = path.resolve()
     if not path.exists():
         raise ModelError(f"model folder {path} does not exist (from {ref!r}); check the path")
     if not path.is_dir():
         raise ModelError(f"model reference {path} is a file; give the folder that holds it")
+    nested = path / STAGE_MODEL_DIR
+    if not (path / "config.json").is_file() and (nested / "config.json").is_file():
+        path = nested
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ModelError(
             f"model folder {path} holds no config.json; point at the folder written by "
@@ -706,3 +714,18 @@ def build_tiny_model(
     if dest is not None:
         save_model(model, tokenizer, dest)
     return model, tokenizer
+
+
+def corpus_of(data_folder: str) -> list[str]:
+    """Every message text of a data stage's output folder (both splits), to train a tokenizer."""
+    from alignpipe.data.build import read_split
+
+    texts = []
+    for split in ("train", "eval"):
+        for record in read_split(data_folder, split):
+            for value in record.values():
+                if isinstance(value, list):
+                    texts.extend(m["content"] for m in value if isinstance(m, dict))
+                elif isinstance(value, str):
+                    texts.append(value)
+    return texts

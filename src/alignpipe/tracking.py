@@ -292,6 +292,59 @@ def end_pipeline_run(tracking_uri: str, run_id: str, status: RunStatus = "FINISH
         tracker.client.set_terminated(run_id, status)
 
 
+KFP_RUN_TAG = "alignpipe.kfp_run_id"
+PIPELINE_TAG = "alignpipe.pipeline"
+
+
+def resolve_tracking_uri(tracking_uri: str | None) -> str | None:
+    """The given URI, else ``$MLFLOW_TRACKING_URI``, else None (log nowhere)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def require_tracking_uri(tracking_uri: str | None) -> str:
+    """Like :func:`resolve_tracking_uri`, for steps that cannot work without MLflow."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri is None:
+        raise TrackingError("this step needs MLflow; set MLFLOW_TRACKING_URI or tracking_uri")
+    return uri
+
+
+def open_pipeline_run(
+    tracking_uri: str | None, experiment: str, pipeline: str, kfp_run_id: str
+) -> str:
+    """Check the connection and open a pipeline's parent run, tagged with the KFP run id.
+
+    Returns an empty string when no tracking URI is configured, so that the stages log nowhere.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri is None:
+        logger.warning("no MLflow tracking URI (set MLFLOW_TRACKING_URI); not tracking this run")
+        return ""
+    check_connection(uri)
+    tags = {PIPELINE_TAG: pipeline, KFP_RUN_TAG: kfp_run_id}
+    return start_pipeline_run(uri, experiment, f"{pipeline}-{kfp_run_id}", tags)
+
+
+def close_pipeline_run(
+    tracking_uri: str | None, kfp_run_id: str, status: RunStatus, error: str | None = None
+) -> None:
+    """End the parent run opened for ``kfp_run_id`` (found by its tag) with ``status``."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri is None:
+        return
+    client = _client(uri)
+    runs = client.search_runs(
+        experiment_ids=[e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'",
+    )
+    parents = [r for r in runs if r.data.tags.get(STAGE_TAG) == "pipeline"]
+    if not parents:
+        raise TrackingError(f"no MLflow parent run is tagged {KFP_RUN_TAG}={kfp_run_id}")
+    if error and status != "FINISHED":
+        MlflowTracker(uri, parents[0].info.run_id).set_tags({ERROR_TAG: _first_line(error)})
+    end_pipeline_run(uri, parents[0].info.run_id, status)
+
+
 @contextmanager
 def stage_run(
     stage: str,

@@ -90,6 +90,16 @@ class DataResult:
     quarantined: list[Quarantined]
     stats: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The counts, and inter-annotator agreement when there is one, as flat metrics."""
+        counts = ("read", "kept", "quarantined", "train", "eval")
+        metrics = {key: float(self.stats[key]) for key in counts}
+        for key, value in (self.stats.get("agreement") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"agreement_{key}"] = float(value)
+        return metrics
+
 
 def assign_split(key: str, seed: int, eval_fraction: float) -> str:
     """Return "eval" or "train" for a prompt key; stable across runs, machines and orderings."""
@@ -201,7 +211,8 @@ def write(result: DataResult, output: str) -> dict[str, str]:
 
 def log_result(tracker: Any, result: DataResult, files: dict[str, str]) -> None:
     """Log a data stage's counts as metrics, its stats as a file and its splits as datasets."""
-    metrics = {k: float(v) for k, v in result.stats.items() if isinstance(v, (int, float))}
+    numeric = {k: v for k, v in result.stats.items() if isinstance(v, (int, float))}
+    metrics = {**{k: float(v) for k, v in numeric.items()}, **result.metrics}
     for kind, summary in result.stats.get("lengths", {}).items():
         for name, value in summary.items():
             metrics[f"length_{kind}_{name}"] = float(value)

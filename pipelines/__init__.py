@@ -1,0 +1,10 @@
+"""Pipelines composed from ``components``, and the CLI that compiles and runs them.
+
+``python -m pipelines compile`` writes IR YAML for every pipeline in :data:`PIPELINES`;
+``python -m pipelines local NAME --config FILE`` runs one on this machine under
+``kfp.local.SubprocessRunner``.
+"""
+
+from pipelines.dpo import dpo_pipeline
+
+PIPELINES = {"dpo": dpo_pipeline}
