@@ -162,7 +162,7 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id: str | None = run_id
-        self.client = _client(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
 
     def log_params(self, params: Mapping[str, Any] | Any) -> None:
         """Log params (a mapping, or a config dataclass flattened to dotted keys).
@@ -248,7 +248,7 @@ class MlflowTracker:
         except MlflowException as err:
             message = _scrub(_first_line(err.message))
             raise TrackingError(
-                f"MLflow at {_display_uri(self.tracking_uri)} refused {what} for run "
+                f"MLflow at {display_uri(self.tracking_uri)} refused {what} for run "
                 f"{self.run_id}: {message}"
             ) from None
 
@@ -270,10 +270,10 @@ def start_pipeline_run(
     Returns:
         The run id, to pass to each stage as its parent and to :func:`end_pipeline_run`.
     """
-    client = _client(tracking_uri)
-    experiment_id = _ensure_experiment(client, tracking_uri, experiment)
+    client = mlflow_client(tracking_uri)
+    experiment_id = ensure_experiment(client, tracking_uri, experiment)
     run_tags = {STAGE_TAG: "pipeline", VERSION_TAG: __version__, **(tags or {})}
-    run = _create_run(client, tracking_uri, experiment_id, run_name, run_tags)
+    run = create_run(client, tracking_uri, experiment_id, run_name, run_tags)
     logger.info("MLflow pipeline run %s in experiment %s", run.info.run_id, experiment)
     return run.info.run_id
 
@@ -332,7 +332,7 @@ def close_pipeline_run(
     uri = resolve_tracking_uri(tracking_uri)
     if uri is None:
         return
-    client = _client(uri)
+    client = mlflow_client(uri)
     runs = client.search_runs(
         experiment_ids=[e.experiment_id for e in client.search_experiments()],
         filter_string=f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'",
@@ -377,13 +377,13 @@ def stage_run(
         yield null
         return
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     if parent_run_id is None:
-        experiment_id = _ensure_experiment(client, tracking_uri, experiment)
+        experiment_id = ensure_experiment(client, tracking_uri, experiment)
     else:
         experiment_id = _parent_experiment(client, tracking_uri, parent_run_id)
         run_tags[PARENT_TAG] = parent_run_id
-    run = _create_run(client, tracking_uri, experiment_id, stage, run_tags)
+    run = create_run(client, tracking_uri, experiment_id, stage, run_tags)
     tracker = MlflowTracker(tracking_uri, run.info.run_id)
     logger.info("MLflow run %s for stage %s", run.info.run_id, stage)
 
@@ -434,7 +434,7 @@ def check_connection(tracking_uri: str, timeout: float = 5.0) -> None:
     """
     from mlflow.exceptions import MlflowException
 
-    shown = _display_uri(tracking_uri)
+    shown = display_uri(tracking_uri)
     unreachable = f"cannot reach MLflow at {shown} (start the server or set MLFLOW_TRACKING_URI)"
     scheme = urllib.parse.urlparse(tracking_uri).scheme
     if scheme in ("http", "https"):
@@ -447,7 +447,7 @@ def check_connection(tracking_uri: str, timeout: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as err:
             raise TrackingError(unreachable) from err
     try:
-        _client(tracking_uri).search_experiments(max_results=1)
+        mlflow_client(tracking_uri).search_experiments(max_results=1)
     except MlflowException as err:
         raise TrackingError(f"{unreachable}: {_scrub(_first_line(err.message))}") from None
 
@@ -528,7 +528,7 @@ def _json_name(name: str) -> str:
     return name if name.endswith(".json") else f"{name}.json"
 
 
-def _display_uri(uri: str) -> str:
+def display_uri(uri: str) -> str:
     """The URI without any password in its user-info part, for messages."""
     parts = urllib.parse.urlsplit(uri)
     if parts.password is None:
@@ -547,7 +547,7 @@ def _first_line(text: str) -> str:
 
 
 @lru_cache(maxsize=8)
-def _client(tracking_uri: str) -> MlflowClient:
+def mlflow_client(tracking_uri: str) -> MlflowClient:
     """One client per URI and process: opening a SQLite store costs about a second."""
     _quiet_mlflow()
     from mlflow import MlflowClient
@@ -602,7 +602,7 @@ def _default_artifact_location(tracking_uri: str, experiment: str) -> str | None
     return None
 
 
-def _ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
+def ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -617,12 +617,12 @@ def _ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> st
                     raise
                 found = client.get_experiment_by_name(name)
     except MlflowException as err:
-        raise _backend_error(tracking_uri, err) from None
+        raise backend_error(tracking_uri, err) from None
     if found is None:
         raise TrackingError(f"experiment {name} vanished from MLflow while being created; retry")
     if found.lifecycle_stage == "deleted":
         raise TrackingError(
-            f"experiment {name} is deleted in MLflow at {_display_uri(tracking_uri)}; restore it "
+            f"experiment {name} is deleted in MLflow at {display_uri(tracking_uri)}; restore it "
             f"(mlflow experiments restore --experiment-id {found.experiment_id}) or pick another"
         )
     return found.experiment_id
@@ -637,12 +637,12 @@ def _parent_experiment(client: MlflowClient, tracking_uri: str, parent_run_id: s
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise TrackingError(
                 f"parent run {parent_run_id} does not exist in MLflow at "
-                f"{_display_uri(tracking_uri)}; pass the run id that start_pipeline_run returned"
+                f"{display_uri(tracking_uri)}; pass the run id that start_pipeline_run returned"
             ) from None
-        raise _backend_error(tracking_uri, err) from None
+        raise backend_error(tracking_uri, err) from None
 
 
-def _create_run(
+def create_run(
     client: MlflowClient,
     tracking_uri: str,
     experiment_id: str,
@@ -654,13 +654,13 @@ def _create_run(
     try:
         return client.create_run(experiment_id, run_name=run_name, tags=_clean_tags(tags))
     except MlflowException as err:
-        raise _backend_error(tracking_uri, err) from None
+        raise backend_error(tracking_uri, err) from None
 
 
-def _backend_error(tracking_uri: str, err: Any) -> TrackingError:
+def backend_error(tracking_uri: str, err: Any) -> TrackingError:
     """A TrackingError for a failed MLflow call, with the URI's password left out."""
     return TrackingError(
-        f"MLflow at {_display_uri(tracking_uri)} failed: {_scrub(_first_line(err.message))} "
+        f"MLflow at {display_uri(tracking_uri)} failed: {_scrub(_first_line(err.message))} "
         "(check that the server is up and MLFLOW_TRACKING_URI points at it)"
     )
 

@@ -66,6 +66,15 @@ class TrainingOptions:
             raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
+@dataclass
+class TrainResult:
+    """What a training stage returns: where its model is, its final metrics, its resume point."""
+
+    model_dir: str
+    metrics: dict[str, float]
+    resumed_from: str | None = None
+
+
 def resolve_precision(precision: str) -> tuple[bool, bool]:
     """Return ``(bf16, fp16)`` flags for the device at hand; fail early on impossible asks."""
     import torch
@@ -99,7 +108,8 @@ def trainer_arguments(options: TrainingOptions, output_dir: str | Path) -> dict[
         "per_device_eval_batch_size": options.batch_size,
         "gradient_accumulation_steps": options.gradient_accumulation_steps,
         "lr_scheduler_type": options.lr_scheduler,
-        "warmup_ratio": options.warmup_ratio,
+        # transformers 5 dropped warmup_ratio; a warmup_steps value below 1 is read as a ratio
+        "warmup_steps": options.warmup_ratio,
         "weight_decay": options.weight_decay,
         "max_grad_norm": options.max_grad_norm,
         "logging_steps": options.logging_steps,
