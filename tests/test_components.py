@@ -1,9 +1,10 @@
 """Components called through ``.python_func`` with real artifacts on tmp_path, no mocks."""
 
 import json
+from pathlib import Path
 
 import pytest
-from kfp.dsl import Dataset, Metrics, Model
+from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
 from alignpipe import synthetic
 from components.base_model import base_model
@@ -86,3 +87,105 @@ def test_tracking_components_open_and_close_the_parent(tmp_path):
 def test_start_tracking_without_uri_logs_nowhere(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert start_tracking.python_func(pipeline_name="dpo", kfp_run_id="k") == ""
+
+
+# Training, evaluation and registration components, on the synthetic task and a tiny model
+
+FAST_TRAINING = {"max_steps": 12, "batch_size": 16, "learning_rate": 3e-3, "save_steps": 50}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, task_files):
+    """Prep and ingest outputs, and a tiny base model, as KFP artifacts."""
+    root = tmp_path_factory.mktemp("prepared")
+    conversations, pairs = artifact(Dataset, root, "data"), artifact(Dataset, root, "pairs")
+    prep.python_func(
+        inputs=[str(task_files["sft"])], data=conversations, stats=artifact(Metrics, root, "s1")
+    )
+    ingest.python_func(
+        inputs=[str(task_files["votes"])], data=pairs, stats=artifact(Metrics, root, "s2")
+    )
+    base = artifact(Model, root, "base")
+    base_model.python_func(model_ref="tiny", data=conversations, model=base)
+    return {"conversations": conversations, "pairs": pairs, "base": base, "root": root}
+
+
+@pytest.fixture(scope="module")
+def sft_model(prepared):
+    from components.sft import sft
+
+    root = prepared["root"]
+    model, metrics = artifact(Model, root, "sft"), artifact(Metrics, root, "sft-metrics")
+    config = {"peft": {"method": "none"}, "training": FAST_TRAINING}
+    sft.python_func(
+        data=prepared["conversations"],
+        base_model=prepared["base"],
+        model=model,
+        metrics=metrics,
+        config=config,
+    )
+    return model, metrics
+
+
+def test_sft_component_trains_and_reports(sft_model):
+    model, metrics = sft_model
+    assert metrics.metadata["eval_loss"] < metrics.metadata["eval_loss_initial"]
+    assert (Path(model.path) / "model" / "model.safetensors").exists()
+
+
+def test_dpo_component_trains_from_the_sft_output(prepared, sft_model, tmp_path):
+    from components.dpo import dpo
+
+    model, metrics = artifact(Model, tmp_path, "dpo"), artifact(Metrics, tmp_path, "m")
+    dpo.python_func(
+        data=prepared["pairs"],
+        sft_model=sft_model[0],
+        model=model,
+        metrics=metrics,
+        config={"training": FAST_TRAINING},
+    )
+    assert (Path(model.path) / "model" / "model.safetensors").exists()
+    assert metrics.metadata["global_step"] == FAST_TRAINING["max_steps"]
+
+
+def test_evaluate_then_register_components(prepared, sft_model, tmp_path):
+    from mlflow import MlflowClient
+
+    from components.evaluate import evaluate
+    from components.register import register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_tracking.python_func(pipeline_name="t", kfp_run_id="r1", tracking_uri=uri)
+    outputs = {
+        "metrics": artifact(Metrics, tmp_path, "metrics"),
+        "report": artifact(Markdown, tmp_path, "report.md"),
+        "report_html": artifact(HTML, tmp_path, "report.html"),
+        "evaluation": artifact(Artifact, tmp_path, "evaluation"),
+    }
+    # the SFT model against itself: nothing to gain, so a strict gate must fail
+    (passed,) = evaluate.python_func(
+        policy=sft_model[0],
+        reference=sft_model[0],
+        data=prepared["pairs"],
+        sft_data=prepared["conversations"],
+        config={"num_prompts": 8, "max_new_tokens": 8, "min_improvement": 0.01},
+        tracking_uri=uri,
+        parent_run_id=parent,
+        **outputs,
+    )
+    assert passed is False
+    assert outputs["metrics"].metadata["gold_reward_delta"] == 0.0
+    assert "data:image/png;base64," in Path(outputs["report"].path).read_text()
+    headline = MlflowClient(uri).get_run(parent).data.metrics
+    assert headline["gold_win_rate"] == 0.5  # the headline metrics reach the parent run
+
+    version, champion = register.python_func(
+        model=sft_model[0],
+        evaluation=outputs["evaluation"],
+        model_name="tiny-policy",
+        tracking_uri=uri,
+        parent_run_id=parent,
+    )
+    assert (version, champion) == ("1", True)
+    aliases = MlflowClient(uri).get_registered_model("tiny-policy").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"candidate": "1", "champion": "1"}

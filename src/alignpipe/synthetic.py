@@ -65,6 +65,9 @@ CATEGORIES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 COUNTS = ("one", "two", "three", "four")
 TEMPLATES = ("Name {count} {category}.", "List {count} {category}.", "Give me {count} {category}.")
+# Openings that do not change what is asked; they multiply the distinct prompts (72 -> 576) so a
+# held-out split by prompt still has enough prompts to evaluate on.
+LEADS = ("", "Please", "Now", "Kindly", "Hey,", "Okay,", "Quickly,", "Hello.")
 MAX_REWARD = 1.0
 RULE = (
     "A prompt asks for n things of a category; the response is a comma-separated list ending "
@@ -74,7 +77,11 @@ RULE = (
     "with no items scores -1. A perfect answer scores 1."
 )
 
-_PROMPT = re.compile(r"^\s*(?:name|list|give me)\s+([a-z]+)\s+([a-z]+)\s*\.?\s*$", re.IGNORECASE)
+_PROMPT = re.compile(
+    r"^\s*(?:(?:please|now|kindly|hey,|okay,|quickly,|hello\.)\s+)?"
+    r"(?:name|list|give me)\s+([a-z]+)\s+([a-z]+)\s*\.?\s*$",
+    re.IGNORECASE,
+)
 _CATEGORY_BY_WORD = {
     w: plural for plural, (single, _) in CATEGORIES.items() for w in (plural, single)
 }
@@ -216,8 +223,8 @@ def generate_sft(options: SyntheticTaskOptions) -> list[dict[str, Any]]:
 def generate_prompts(options: SyntheticTaskOptions) -> list[dict[str, Any]]:
     """Generate prompt-only records ``{"prompt": [user message]}`` for rollouts and evaluation.
 
-    They are fresh draws from the prompt distribution; with 72 distinct prompts in the task they
-    repeat prompts of the SFT data, so generalisation here means new responses, not new prompts.
+    They are fresh draws from the prompt distribution; with 576 distinct prompts in the task
+    some repeat prompts of the SFT data.
     """
     rng = random.Random(f"{options.seed}:prompts")
     return [{"prompt": [message("user", _sample_prompt(rng))]} for _ in range(options.num_prompts)]
@@ -302,6 +309,7 @@ def corpus(options: SyntheticTaskOptions) -> Iterator[str]:
         for number, count in enumerate(COUNTS, start=1):
             for plural, (single, _members) in CATEGORIES.items():
                 yield template.format(count=count, category=single if number == 1 else plural)
+    yield " ".join(lead for lead in LEADS if lead)
     for _, members in CATEGORIES.values():
         yield ", ".join(members) + "."
     for record in generate_sft(options):
@@ -320,7 +328,9 @@ def _sample_prompt(rng: random.Random) -> str:
     number = rng.randint(1, len(COUNTS))
     plural = rng.choice(list(CATEGORIES))
     category = CATEGORIES[plural][0] if number == 1 else plural
-    return rng.choice(TEMPLATES).format(count=COUNTS[number - 1], category=category)
+    text = rng.choice(TEMPLATES).format(count=COUNTS[number - 1], category=category)
+    lead = rng.choice(LEADS)
+    return f"{lead} {text[0].lower()}{text[1:]}" if lead else text
 
 
 def _parse_prompt(prompt: str | Sequence[Mapping[str, str]]) -> tuple[int, str]:
