@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format demo clean
+.PHONY: setup test lint format demo compile bench clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,14 @@ format: setup
 demo: setup
 	$(BIN)/python -m alignpipe.demo --output $(DEMO_DIR)
 
+compile: setup
+	$(BIN)/python -m pipelines compile --output compiled
+
+# Counts come from BENCH_PAIRS, BENCH_WARMUP, BENCH_MEMORY_RUNS, BENCH_STEPS, BENCH_THREADS and
+# BENCH_ONLY (e.g. `make bench BENCH_PAIRS=3`); results land in bench-output/dpo-<date>.json.
+bench: setup
+	$(BIN)/python -m bench
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache build dist src/*.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) bench-output compiled kfp-local .pytest_cache .ruff_cache build dist src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

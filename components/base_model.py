@@ -28,9 +28,11 @@ def base_model(
         tiny_options: Options of ``alignpipe.models.TinyModelOptions`` (hidden_size, ...).
     """
     from alignpipe import models
+    from alignpipe.config import load_config
 
     if model_ref != "tiny":
         model.metadata["reference"] = model_ref
         return
-    options = models.TinyModelOptions(**(tiny_options or {}))
+    # through load_config: KFP hands dict values over as floats (64.0), which it coerces
+    options = load_config(models.TinyModelOptions, None, tiny_options or {})
     models.build_tiny_model(models.corpus_of(data.path), options, model.path)

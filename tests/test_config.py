@@ -48,7 +48,8 @@ def test_yaml_then_overrides_win(tmp_path):
 
 
 def test_scalars_coerce_to_declared_types():
-    cfg = load_config(Example, None, ["lr=1", "limit=null", "packing=true", "name=12"])
+    cfg = load_config(Example, None, ["lr=1", "limit=null", "packing=true", "name=12", "steps=4.0"])
+    assert cfg.steps == 4 and isinstance(cfg.steps, int)
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.limit is None
     assert cfg.packing is True
@@ -59,6 +60,7 @@ def test_scalars_coerce_to_declared_types():
     ("override", "fragment"),
     [
         ("steps=abc", "steps must be int"),
+        ("steps=2.5", "steps must be a whole number"),
         ("packing=maybe", "packing must be true or false"),
         ("loss=hinge", "loss must be one of 'sigmoid', 'ipo'"),
         ("stepz=3", "unknown option stepz"),

@@ -224,9 +224,14 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         try:
-            number = float(value) if hint is float else int(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}") from None
+        if hint is int:
+            # whole floats are fine (KFP and JSON send 64.0 for 64); 0.5 for a count is not
+            if not number.is_integer():
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            return int(number)
         return number
     if hint is str:
         if isinstance(value, (dict, list)):

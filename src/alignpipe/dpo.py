@@ -1,0 +1,445 @@
+"""DPO stage: align a policy to preference pairs with TRL's ``DPOTrainer``.
+
+The policy starts from the SFT model, which is also the reference that DPO measures its implicit
+reward against. With a LoRA adapter (the default) the reference is the same model with the
+adapter switched off, so only one copy of the weights sits in memory. Checkpoints under
+``OUTPUT/checkpoints`` let a retried run resume where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from alignpipe import models, storage
+from alignpipe.config import flatten, option
+from alignpipe.data.build import read_split
+from alignpipe.errors import ConfigError, DataError
+from alignpipe.models import PeftOptions
+from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
+from alignpipe.training import (
+    TrainingOptions,
+    TrainResult,
+    last_checkpoint,
+    tracker_callback,
+    trainer_arguments,
+)
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+# The losses TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+# What evaluate() reports on the held-out pairs, without its "eval_" prefix.
+EVAL_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+)
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class DpoStageConfig:
+    """Direct preference optimisation of an SFT model on preference pairs (TRL ``DPOTrainer``)."""
+
+    model: str | None = option(
+        None,
+        help="The SFT model to start from, which is also the reference (required): a hub id, "
+        "a local folder, an s3:// prefix, or the output folder of the sft stage.",
+    )
+    peft: PeftOptions = option(
+        default_factory=PeftOptions,
+        help="lora (default): train an adapter; the reference is the model with the adapter "
+        "off, no second copy. none: full fine-tuning; the reference is a frozen copy of the "
+        "model, which doubles the weight memory unless precompute_ref_log_probs=true.",
+    )
+    training: TrainingOptions = option(
+        default_factory=TrainingOptions, help="Optimisation loop: steps, batch, learning rate."
+    )
+    beta: float = option(
+        0.1,
+        help="How far the policy may move from the reference: higher keeps it closer. For ipo "
+        "it is the regulariser tau (the target margin of log-ratios is 1 / (2 beta)).",
+    )
+    loss_type: str = option(
+        "sigmoid",
+        help="sigmoid (the DPO paper), ipo, hinge, robust, or another loss TRL implements: "
+        + ", ".join(LOSS_TYPES[3:])
+        + ".",
+    )
+    label_smoothing: float = option(
+        0.0,
+        help="robust: the assumed share of flipped labels, in [0, 0.5); exo_pair needs it > 0 "
+        "(the paper uses 1e-3). Ignored by the other losses.",
+    )
+    precompute_ref_log_probs: bool = option(
+        False,
+        help="Score every pair with the reference once before training instead of at every "
+        "step: saves the reference's forward passes and, for full fine-tuning, its copy.",
+    )
+    max_length: int | None = option(
+        1024,
+        help="Longest prompt + response in tokens; longer pairs are cut at the end, pairs "
+        "whose prompt alone fills it are dropped. Unset = no limit.",
+    )
+    save_adapter_only: bool = option(
+        False,
+        help="Save only the adapter (with the reference to its base) instead of the merged "
+        "full model; needs peft.method lora or prompt_tuning.",
+    )
+    dtype: str = option(
+        "auto", help="dtype the weights are loaded in: auto, float32, bfloat16 or float16."
+    )
+    trust_remote_code: bool = option(
+        False, help="Run model code shipped with the model; only for models you trust."
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(
+                "dpo needs the model to start from: set model=<the sft stage's output folder, "
+                "a local folder, a hub id or an s3:// URI>"
+            )
+        if not self.beta > 0:
+            raise ConfigError(
+                f"beta must be positive, got {self.beta}; the usual range is 0.01-0.5"
+            )
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(
+                f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}"
+            )
+        if self.loss_type == "exo_pair" and self.label_smoothing <= 0:
+            raise ConfigError("loss_type=exo_pair needs label_smoothing > 0; try 1e-3")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool) or self.max_length < 2
+        ):
+            raise ConfigError(f"max_length must be at least 2 tokens, got {self.max_length!r}")
+        if self.dtype not in models.DTYPES:
+            raise ConfigError(
+                f"dtype must be one of {', '.join(models.DTYPES)}, got {self.dtype!r}"
+            )
+        if self.save_adapter_only and self.peft.method == "none":
+            raise ConfigError(
+                "save_adapter_only=true needs an adapter; set peft.method=lora, or "
+                "save_adapter_only=false to save the fully fine-tuned model"
+            )
+        if self.peft.method == "prompt_tuning" and not self.save_adapter_only:
+            raise ConfigError(
+                "a prompt-tuning adapter cannot be merged into the weights; set "
+                "save_adapter_only=true, or use peft.method=lora"
+            )
+
+
+def run(
+    config: DpoStageConfig, data: str, output: str, tracker: Tracker | None = None
+) -> TrainResult:
+    """Train ``config.model`` with DPO on an ingest output folder and save it under ``output``.
+
+    Writes ``output/model`` (merged full weights, or the adapter with ``save_adapter_only``),
+    ``output/checkpoints`` (every ``training.save_steps``; a rerun resumes from the newest one,
+    which is what makes a retried KFP task cheap) and ``output/metrics.json``.
+
+    The held-out pairs are scored before and after training. Before, a LoRA or fully
+    fine-tuned policy is the reference, so every implicit reward is 0: accuracy 0 (a tie is not
+    a win), margin 0 and, for the sigmoid loss, loss ln 2. They are logged as ``*_initial`` all
+    the same, as the check that the reference is what it should be (a prompt-tuning policy
+    starts with a random soft prompt, so it starts elsewhere).
+
+    Args:
+        config: The stage config.
+        data: A folder (local or ``s3://``) with ``train.parquet`` and ``eval.parquet`` of
+            preference records, as written by the ingest stage.
+        output: A local folder.
+        tracker: Where params and metrics go; a :class:`NullTracker` when None.
+
+    Returns:
+        The model folder, the metrics (``eval_rewards/accuracies``, ``eval_rewards/margins``,
+        ``eval_loss``, each also as ``*_initial``; ``train_loss``, ``train_tokens``,
+        ``train_seconds``, ``global_step``, ``resumed_from_step``) and the checkpoint resumed
+        from.
+
+    Raises:
+        ConfigError: The output is not local, or the starting model is an adapter that cannot
+            be merged.
+        DataError: The data folder holds no preference pairs for training.
+        ModelError: The model cannot be loaded.
+    """
+    tracker = tracker or NullTracker()
+    tracker.log_params(flatten(config))
+    out = _local_folder(output)
+
+    # data, the policy and the trainer that holds the reference
+    train_set, eval_set = (load_pairs(data, split, tracker) for split in ("train", "eval"))
+    policy, tokenizer = load_policy(config)
+    trainer = build_trainer(config, policy, tokenizer, train_set, eval_set, out, tracker)
+
+    # score the held-out pairs before training: the baseline the stage must beat
+    resume = last_checkpoint(out)
+    initial = _held_out(trainer)
+    log.info("dpo: training %d steps (%s loss)", config.training.max_steps, config.loss_type)
+    started = time.monotonic()
+    trained = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.monotonic() - started
+    final = _held_out(trainer)
+
+    # log
+    metrics = _metrics(trainer, trained.training_loss, initial, final, seconds, resume)
+    tracker.log_metrics(metrics, step=trainer.state.global_step)
+    tracker.log_dict(metrics, METRICS_FILE)
+    if resume:
+        tracker.set_tags({"alignpipe.resumed_from": resume})
+    log.info("dpo: held-out reward accuracy %s in %.1f s", final.get("rewards/accuracies"), seconds)
+
+    # save
+    model_dir = _save(config, trainer.model, tokenizer, out)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from=resume)
+
+
+def load_pairs(data: str, split: str, tracker: Tracker | None = None) -> Dataset | None:
+    """Read one split of an ingest output folder in TRL's conversational preference format.
+
+    Args:
+        data: The ingest stage's output folder (local or ``s3://``).
+        split: ``train`` or ``eval``.
+        tracker: Gets the split's fingerprint and row count as a dataset input.
+
+    Returns:
+        A ``Dataset`` of ``prompt``, ``chosen`` and ``rejected`` message lists; None for an
+        empty eval split (the stage then reports no held-out metrics).
+
+    Raises:
+        DataError: The split is missing, holds records other than preference pairs, or is
+            the train split and empty.
+    """
+    from datasets import Dataset
+
+    # one download of the folder serves reading and fingerprinting
+    with storage.local_path(data) as folder:
+        path = Path(folder) / f"{split}.parquet"
+        if not path.is_file():
+            raise DataError(
+                f"{data} holds no {split}.parquet; give dpo the output folder of the ingest "
+                "stage (alignpipe ingest INPUT --output DIR)"
+            )
+        records = read_split(str(folder), split)
+        digest = fingerprint_file(path)
+    if records and not all(field in records[0] for field in PAIR_FIELDS):
+        raise DataError(
+            f"{data}/{split}.parquet holds {', '.join(records[0])} records, not preference "
+            "pairs; dpo trains on the ingest stage's output"
+        )
+    if not records:
+        if split == "eval":
+            log.warning("dpo: the eval split of %s is empty; no held-out metrics", data)
+            return None
+        raise DataError(f"the train split of {data} is empty; ingest more preference data")
+    log.info("dpo: %d %s pairs from %s", len(records), split, data)
+    if tracker is not None:
+        uri = f"{data.rstrip('/')}/{split}.parquet"
+        tracker.log_dataset(f"preference-{split}", uri, digest, split, len(records))
+    return Dataset.from_list([{k: r[k] for k in PAIR_FIELDS} for r in records])
+
+
+def load_policy(config: DpoStageConfig) -> tuple[Any, Any]:
+    """Load the starting model and its tokenizer, with no adapter of this stage attached yet.
+
+    The adapter goes to TRL as a config (see :func:`build_trainer`). A starting model saved as
+    a LoRA adapter (``sft`` with ``save_adapter_only``) is merged first: the reference must be
+    the SFT model itself, and TRL takes the model with every adapter off as the reference.
+
+    Raises:
+        ConfigError: The starting model is an adapter that cannot be merged, or one while
+            ``save_adapter_only`` asks to save the new adapter against it.
+        ModelError: The model cannot be resolved or loaded.
+    """
+    from peft import PeftModel
+
+    # resolve once, so that an s3:// model is downloaded once for both loaders
+    path = models.resolve_model(config.model)
+    tokenizer = models.load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    policy = models.load_causal_lm(
+        path, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+    )
+    if isinstance(policy, PeftModel):
+        if config.save_adapter_only or not hasattr(policy, "merge_and_unload"):
+            raise ConfigError(
+                f"the starting model {config.model} is an adapter; save the sft model merged "
+                "(save_adapter_only=false there), or set save_adapter_only=false here"
+            )
+        policy = policy.merge_and_unload()
+        log.info("dpo: merged the starting model's adapter into its base weights")
+    log.info("dpo: loaded %s (peft %s)", config.model, config.peft.method)
+    return policy, tokenizer
+
+
+def build_trainer(
+    config: DpoStageConfig,
+    policy: Any,
+    tokenizer: Any,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    output: str | Path,
+    tracker: Tracker | None = None,
+) -> DPOTrainer:
+    """The ``DPOTrainer`` that :func:`run` trains with, datasets tokenized, reference in place.
+
+    Exposed so that a test or a notebook can inspect what the stage trains (``trainer.model``,
+    ``trainer.ref_model``, a batch from ``trainer.data_collator``).
+
+    The reference: with an adapter, TRL wraps ``policy`` itself from the adapter's config and
+    computes the reference with the adapter disabled (``trainer.ref_model`` is None). Handed a
+    ready ``PeftModel`` instead, TRL would keep a second adapter as the reference. For full
+    fine-tuning the reference is a frozen copy of ``policy`` (twice the weight memory), made
+    here rather than reloaded by TRL from ``config._name_or_path``, which after a merged SFT
+    adapter names the base model, not the SFT model. With ``precompute_ref_log_probs`` there is
+    no copy: the policy scores every pair before its first step.
+    """
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        **trainer_arguments(config.training, output),
+        beta=config.beta,
+        loss_type=[config.loss_type],
+        label_smoothing=config.label_smoothing,
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+        max_length=config.max_length,
+        trust_remote_code=config.trust_remote_code,
+        # both sides of every pair, prompt and response, without padding; counted in the
+        # trainer state, so the total survives a resume
+        include_num_input_tokens_seen="non_padding",
+    )
+    full = config.peft.method == "none"
+    reference = None
+    if full and not config.precompute_ref_log_probs:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    return DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=None if full else _peft_config(policy, config.peft),
+        callbacks=[tracker_callback(tracker or NullTracker())],
+    )
+
+
+def _peft_config(model: Any, options: PeftOptions) -> Any:
+    """The peft config of the adapter that :func:`models.attach_peft` would attach."""
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    if options.method == "prompt_tuning":
+        return PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=options.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.RANDOM,
+        )
+    lora = options.lora
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        # the same default targets as attach_peft: the architecture's, else every linear layer
+        target_modules=models._lora_targets(model, lora.target_modules),
+    )
+
+
+def _held_out(trainer: DPOTrainer) -> dict[str, float]:
+    """Implicit-reward accuracy, margins and loss on the eval pairs ({} without them)."""
+    if trainer.eval_dataset is None:
+        return {}
+    scores = trainer.evaluate()
+    return {name: scores[f"eval_{name}"] for name in EVAL_METRICS if f"eval_{name}" in scores}
+
+
+def _metrics(
+    trainer: DPOTrainer,
+    train_loss: float,
+    initial: dict[str, float],
+    final: dict[str, float],
+    seconds: float,
+    resume: str | None,
+) -> dict[str, float]:
+    state = trainer.state
+    metrics = {f"eval_{name}": value for name, value in final.items()}
+    metrics.update({f"eval_{name}_initial": value for name, value in initial.items()})
+    metrics.update(
+        {
+            # mean over the steps this process ran (after a resume: since the checkpoint)
+            "train_loss": float(train_loss),
+            # non-padding tokens of prompt + chosen and prompt + rejected, over the whole run
+            "train_tokens": float(state.num_input_tokens_seen),
+            "train_seconds": seconds,
+            "global_step": float(state.global_step),
+            "resumed_from_step": float(_step_of(resume) if resume else 0),
+        }
+    )
+    return metrics
+
+
+def _step_of(checkpoint: str) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[1])
+
+
+def _local_folder(output: str) -> Path:
+    if "://" in output:
+        raise ConfigError(
+            f"dpo writes to a local folder, got {output!r}; give a local --output (a KFP "
+            "component gets one) and upload the model afterwards"
+        )
+    folder = Path(output).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _save(config: DpoStageConfig, model: Any, tokenizer: Any, output: Path) -> str:
+    dest = output / models.STAGE_MODEL_DIR
+    adapter = config.peft.method != "none"
+    models.save_model(
+        model,
+        tokenizer,
+        str(dest),
+        merge_adapter=adapter and not config.save_adapter_only,
+        base_ref=_base_ref(config.model) if config.save_adapter_only else None,
+    )
+    log.info("dpo: saved the %s to %s", "adapter" if config.save_adapter_only else "model", dest)
+    return str(dest)
+
+
+def _base_ref(ref: str) -> str:
+    # an adapter records where its base lives: the URI or hub id as given, a folder in full
+    if ref.startswith("s3://"):
+        return ref
+    return models.resolve_model(ref)
