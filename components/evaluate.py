@@ -1,6 +1,6 @@
 """Evaluation component: policy against its reference, with a report and a gate decision."""
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -20,7 +20,7 @@ def evaluate(
     config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
-) -> NamedTuple("EvalOutputs", [("passed", bool)]):
+) -> bool:
     """Compare the aligned policy with the SFT model on held-out prompts and pairs.
 
     Generates on held-out prompts with fixed seeds and settings and reports each scorer's mean
@@ -43,7 +43,8 @@ def evaluate(
         parent_run_id: MLflow parent run of this pipeline run.
 
     Returns:
-        passed: Whether the policy clears the gate.
+        Whether the policy clears the gate (a plain bool: kfp.local does not evaluate
+        conditions on a NamedTuple's bool field).
     """
     import shutil
 
@@ -63,4 +64,4 @@ def evaluate(
         metrics.log_metric(key, value)
     shutil.copyfile(result.report, report.path)
     shutil.copyfile(result.report.with_suffix(".html"), report_html.path)
-    return (result.passed,)
+    return result.passed

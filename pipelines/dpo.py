@@ -121,7 +121,7 @@ def gate_stage(
         parent_run_id=parent_run_id,
     ).set_display_name("evaluation")
     resources.on_gpu(evaluated, accelerator_type, accelerator_count, train_cpu, train_memory)
-    with dsl.If(evaluated.outputs["passed"] == True, name="gate passed"):  # noqa: E712
+    with dsl.If(evaluated.outputs["Output"] == True, name="gate passed"):  # noqa: E712
         register(
             model=policy,
             evaluation=evaluated.outputs["evaluation"],

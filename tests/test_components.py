@@ -163,7 +163,7 @@ def test_evaluate_then_register_components(prepared, sft_model, tmp_path):
         "evaluation": artifact(Artifact, tmp_path, "evaluation"),
     }
     # the SFT model against itself: nothing to gain, so a strict gate must fail
-    (passed,) = evaluate.python_func(
+    passed = evaluate.python_func(
         policy=sft_model[0],
         reference=sft_model[0],
         data=prepared["pairs"],

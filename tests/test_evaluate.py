@@ -382,6 +382,22 @@ def test_config_loads_with_overrides_and_validates() -> None:
         EvalStageConfig(policy="a", reference="b", temperature=0.7)
     with pytest.raises(ConfigError, match="policy must name a model"):
         load_config(EvalStageConfig, overrides=["policy=", "reference=b"])
+    with pytest.raises(ConfigError, match="samples_per_prompt > 1 needs do_sample=true"):
+        EvalStageConfig(policy="a", reference="b", samples_per_prompt=4)
+
+
+def test_several_samples_per_prompt_answer_each_prompt_that_often(
+    trained_policy: Path, sft_model: Path, task: dict[str, Path], tmp_path: Path
+) -> None:
+    config = _config(trained_policy, sft_model, do_sample=True, samples_per_prompt=3)
+    evaluate.run(config, str(task["pairs"]), str(tmp_path / "out"))
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").open()]
+    prompts = [json.dumps(s["prompt"]) for s in samples]
+    distinct = list(dict.fromkeys(prompts))
+    assert len(samples) == 3 * len(distinct)
+    assert all(prompts.count(p) == 3 for p in distinct)
+    # sampled answers to one prompt differ somewhere: they are draws, not copies
+    assert len({s["policy"] for s in samples}) > len(distinct)
 
 
 def test_conversation_folder_as_preference_data_is_refused(

@@ -26,6 +26,7 @@ from alignpipe.training import (
     TrainingOptions,
     TrainResult,
     last_checkpoint,
+    quiet_printing,
     tracker_callback,
     trainer_arguments,
 )
@@ -343,37 +344,17 @@ def build_trainer(
     reference = None
     if full and not config.precompute_ref_log_probs:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    return DPOTrainer(
+    trainer = DPOTrainer(
         model=policy,
         ref_model=reference,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=None if full else _peft_config(policy, config.peft),
+        peft_config=models.peft_config(policy, config.peft),
         callbacks=[tracker_callback(tracker or NullTracker())],
     )
-
-
-def _peft_config(model: Any, options: PeftOptions) -> Any:
-    """The peft config of the adapter that :func:`models.attach_peft` would attach."""
-    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
-
-    if options.method == "prompt_tuning":
-        return PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=options.num_virtual_tokens,
-            prompt_tuning_init=PromptTuningInit.RANDOM,
-        )
-    lora = options.lora
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        # the same default targets as attach_peft: the architecture's, else every linear layer
-        target_modules=models._lora_targets(model, lora.target_modules),
-    )
+    return quiet_printing(trainer)
 
 
 def _held_out(trainer: DPOTrainer) -> dict[str, float]:

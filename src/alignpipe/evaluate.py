@@ -107,6 +107,11 @@ class EvalStageConfig:
         "<name>_reward_policy/_reference/_delta and <name>_win_rate.",
     )
     num_prompts: int = option(64, help="Distinct held-out prompts both models answer.")
+    samples_per_prompt: int = option(
+        1,
+        help="Responses per prompt and model (with do_sample); more samples steady the means "
+        "and the win rate when there are few prompts.",
+    )
     max_new_tokens: int = option(24, help="Longest response in tokens.")
     do_sample: bool = option(
         False, help="Sample responses (a true KL estimate) instead of greedy decoding."
@@ -142,7 +147,7 @@ class EvalStageConfig:
                 raise ConfigError(f"unknown scorer {name!r}; known scorers: {known}")
         if len(set(self.scorers)) != len(self.scorers):
             raise ConfigError(f"scorers lists a scorer twice: {self.scorers}")
-        for name in ("num_prompts", "max_new_tokens", "batch_size"):
+        for name in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_records is not None and self.max_records < 1:
@@ -155,6 +160,10 @@ class EvalStageConfig:
             raise ConfigError(
                 "temperature and top_p apply only when sampling; set do_sample=true, or leave "
                 "them at 1.0 for greedy decoding"
+            )
+        if self.samples_per_prompt > 1 and not self.do_sample:
+            raise ConfigError(
+                "samples_per_prompt > 1 needs do_sample=true; greedy decoding repeats one answer"
             )
         if self.max_kl is not None and self.max_kl < 0:
             raise ConfigError(f"max_kl must be >= 0 (or unset), got {self.max_kl}")
@@ -212,6 +221,7 @@ def run(
     prompts = distinct_prompts(pairs, config.num_prompts)
     if len(prompts) < config.num_prompts:
         log.warning("%s has %d distinct eval prompts, fewer than num_prompts", data, len(prompts))
+    prompts = [p for p in prompts for _ in range(config.samples_per_prompt)]
     conversations = None
     if config.sft_data is not None:
         conversations = _read_eval(config.sft_data, "conversation", config.max_records, tracker)

@@ -525,23 +525,9 @@ def attach_peft(model: PreTrainedModel, options: PeftOptions, task: str = "CAUSA
             "(save_model(..., merge_adapter=True)) before attaching another"
         )
 
-    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from peft import get_peft_model
 
-    if options.method == "lora":
-        lora = options.lora
-        config = LoraConfig(
-            task_type=TaskType[task],
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=_lora_targets(model, lora.target_modules),
-        )
-    else:
-        config = PromptTuningConfig(
-            task_type=TaskType[task],
-            num_virtual_tokens=options.num_virtual_tokens,
-            prompt_tuning_init=PromptTuningInit.RANDOM,
-        )
+    config = peft_config(model, options, task)
     peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info(
@@ -552,6 +538,32 @@ def attach_peft(model: PreTrainedModel, options: PeftOptions, task: str = "CAUSA
         100.0 * trainable / max(total, 1),
     )
     return peft_model
+
+
+def peft_config(model: Any, options: PeftOptions, task: str = "CAUSAL_LM") -> Any:
+    """The peft config for ``options`` on ``model`` (None for ``method="none"``).
+
+    LoRA targets default to peft's choice for the architecture, else every linear layer; the
+    same config serves :func:`attach_peft` and trainers that attach adapters themselves.
+    """
+    if options.method == "none":
+        return None
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    if options.method == "lora":
+        lora = options.lora
+        return LoraConfig(
+            task_type=TaskType[task],
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=_lora_targets(model, lora.target_modules),
+        )
+    return PromptTuningConfig(
+        task_type=TaskType[task],
+        num_virtual_tokens=options.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.RANDOM,
+    )
 
 
 def _lora_targets(model: Any, target_modules: list[str] | None) -> list[str] | str:

@@ -25,6 +25,7 @@ from alignpipe.training import (
     TrainResult,
     last_checkpoint,
     perplexity,
+    quiet_printing,
     tracker_callback,
     trainer_arguments,
 )
@@ -302,7 +303,7 @@ def build_trainer(
         # counted in the trainer state, so the total survives a resume
         include_num_input_tokens_seen="non_padding",
     )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -310,6 +311,7 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=[tracker_callback(tracker or NullTracker())],
     )
+    return quiet_printing(trainer)
 
 
 def _metrics(

@@ -150,7 +150,11 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
 
 
 def tracker_callback(tracker: Any, prefix: str = "") -> Any:
-    """A transformers callback sending the trainer's logs to ``tracker`` with their step."""
+    """A transformers callback sending the trainer's logs to ``tracker`` with their step.
+
+    Outside a terminal it also writes one log line per logging step (the pod-log view of
+    training); in a terminal the trainer's progress bar does that job.
+    """
     from transformers import TrainerCallback
 
     class TrackerCallback(TrainerCallback):
@@ -162,8 +166,23 @@ def tracker_callback(tracker: Any, prefix: str = "") -> Any:
             }
             if numeric:
                 tracker.log_metrics(numeric, step=state.global_step)
+                if not _interactive():
+                    shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(numeric.items()))
+                    log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
 
     return TrackerCallback()
+
+
+def quiet_printing(trainer: Any) -> Any:
+    """Drop the trainer's stdout printer of log dicts; :func:`tracker_callback` logs instead.
+
+    transformers prints every log dict to stdout when the progress bar is off, which would
+    interleave with a CLI's own output.
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def perplexity(loss: float) -> float:
