@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize(tracking_uri, args.experiment)
     table["pipeline_minutes"] = round(minutes, 2)
     print_table(table)
-    (out / "demo.json").write_text(json.dumps(table, indent=2) + "\n")
-    print(f"\nThe table as JSON: {out / 'demo.json'}")
+    report = newest_report(out / "kfp-local")
+    for folder in {out, report.parent}:
+        (folder / "demo.json").write_text(json.dumps(table, indent=2) + "\n")
+    print(f"\nThe evaluation report: {report} (the table as JSON beside it: demo.json)")
     print("Browse the runs (parent run with a child per stage, and the registered model):")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000")
     return 0
@@ -102,6 +104,14 @@ def run_pipeline(name: str, arguments: dict[str, Any], pipeline_root: Path) -> N
     from pipelines.__main__ import run_local
 
     run_local(name, arguments, pipeline_root)
+
+
+def newest_report(pipeline_root: Path) -> Path:
+    """The evaluation report of the newest local pipeline run."""
+    reports = sorted(pipeline_root.glob("*/evaluate/evaluation/report.md"))
+    if not reports:
+        raise SystemExit(f"no evaluation report under {pipeline_root}; did the pipeline run?")
+    return max(reports, key=lambda p: p.stat().st_mtime)
 
 
 def summarize(tracking_uri: str, experiment: str) -> dict[str, Any]:
