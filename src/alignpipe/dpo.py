@@ -14,16 +14,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from alignpipe import models, storage
 from alignpipe.config import flatten, option
 from alignpipe.data.build import read_split
 from alignpipe.errors import ConfigError, DataError
-from alignpipe.models import PeftOptions
 from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
 from alignpipe.training import (
-    TrainingOptions,
+    ModelStageOptions,
     TrainResult,
     last_checkpoint,
     quiet_printing,
@@ -68,23 +67,11 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
-class DpoStageConfig:
+class DpoStageConfig(ModelStageOptions):
     """Direct preference optimisation of an SFT model on preference pairs (TRL ``DPOTrainer``)."""
 
-    model: str | None = option(
-        None,
-        help="The SFT model to start from, which is also the reference (required): a hub id, "
-        "a local folder, an s3:// prefix, or the output folder of the sft stage.",
-    )
-    peft: PeftOptions = option(
-        default_factory=PeftOptions,
-        help="lora (default): train an adapter; the reference is the model with the adapter "
-        "off, no second copy. none: full fine-tuning; the reference is a frozen copy of the "
-        "model, which doubles the weight memory unless precompute_ref_log_probs=true.",
-    )
-    training: TrainingOptions = option(
-        default_factory=TrainingOptions, help="Optimisation loop: steps, batch, learning rate."
-    )
+    stage: ClassVar[str] = "dpo"
+
     beta: float = option(
         0.1,
         help="How far the policy may move from the reference: higher keeps it closer. For ipo "
@@ -111,24 +98,9 @@ class DpoStageConfig:
         help="Longest prompt + response in tokens; longer pairs are cut at the end, pairs "
         "whose prompt alone fills it are dropped. Unset = no limit.",
     )
-    save_adapter_only: bool = option(
-        False,
-        help="Save only the adapter (with the reference to its base) instead of the merged "
-        "full model; needs peft.method lora or prompt_tuning.",
-    )
-    dtype: str = option(
-        "auto", help="dtype the weights are loaded in: auto, float32, bfloat16 or float16."
-    )
-    trust_remote_code: bool = option(
-        False, help="Run model code shipped with the model; only for models you trust."
-    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError(
-                "dpo needs the model to start from: set model=<the sft stage's output folder, "
-                "a local folder, a hub id or an s3:// URI>"
-            )
+        super().__post_init__()
         if not self.beta > 0:
             raise ConfigError(
                 f"beta must be positive, got {self.beta}; the usual range is 0.01-0.5"
@@ -145,20 +117,6 @@ class DpoStageConfig:
             isinstance(self.max_length, bool) or self.max_length < 2
         ):
             raise ConfigError(f"max_length must be at least 2 tokens, got {self.max_length!r}")
-        if self.dtype not in models.DTYPES:
-            raise ConfigError(
-                f"dtype must be one of {', '.join(models.DTYPES)}, got {self.dtype!r}"
-            )
-        if self.save_adapter_only and self.peft.method == "none":
-            raise ConfigError(
-                "save_adapter_only=true needs an adapter; set peft.method=lora, or "
-                "save_adapter_only=false to save the fully fine-tuned model"
-            )
-        if self.peft.method == "prompt_tuning" and not self.save_adapter_only:
-            raise ConfigError(
-                "a prompt-tuning adapter cannot be merged into the weights; set "
-                "save_adapter_only=true, or use peft.method=lora"
-            )
 
 
 def run(

@@ -12,16 +12,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from alignpipe import models, storage
 from alignpipe.config import flatten, option
 from alignpipe.data.build import read_split
 from alignpipe.errors import ConfigError, DataError
-from alignpipe.models import PeftOptions
 from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
 from alignpipe.training import (
-    TrainingOptions,
+    ModelStageOptions,
     TrainResult,
     last_checkpoint,
     perplexity,
@@ -41,22 +40,11 @@ METRICS_FILE = "metrics.json"
 
 
 @dataclass
-class SftStageConfig:
+class SftStageConfig(ModelStageOptions):
     """Supervised fine-tuning of a causal LM on conversations (TRL ``SFTTrainer``)."""
 
-    model: str | None = option(
-        None,
-        help="Base model (required): a hub id, a local folder or an s3:// prefix; a training "
-        "stage's output folder works too.",
-    )
-    peft: PeftOptions = option(
-        default_factory=PeftOptions,
-        help="Adapter to train: lora (default), prompt_tuning, or none for full fine-tuning "
-        "(needed for a tiny model trained from scratch).",
-    )
-    training: TrainingOptions = option(
-        default_factory=TrainingOptions, help="Optimisation loop: steps, batch, learning rate."
-    )
+    stage: ClassVar[str] = "sft"
+
     max_length: int = option(
         512, help="Longest training sequence in tokens; longer conversations are cut at the end."
     )
@@ -70,44 +58,14 @@ class SftStageConfig:
         help="Loss on assistant tokens only (needs {% generation %} markers in the chat "
         "template, or a template TRL knows how to patch); false = loss on every token.",
     )
-    save_adapter_only: bool = option(
-        False,
-        help="Save only the adapter (with the base model reference) instead of a merged "
-        "full model; needs peft.method lora or prompt_tuning.",
-    )
-    dtype: str = option(
-        "auto", help="dtype the weights are loaded in: auto, float32, bfloat16 or float16."
-    )
-    trust_remote_code: bool = option(
-        False, help="Run model code shipped with the model; only for models you trust."
-    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError(
-                "sft needs a base model: set model=<hub id, local folder or s3:// URI>, "
-                "e.g. the output folder of `alignpipe tiny-model`"
-            )
+        super().__post_init__()
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
             raise ConfigError(f"max_length must be an integer, got {self.max_length!r}")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2 tokens, got {self.max_length}")
-        if self.dtype not in models.DTYPES:
-            raise ConfigError(
-                f"dtype must be one of {', '.join(models.DTYPES)}, got {self.dtype!r}"
-            )
-        method = self.peft.method
-        if self.save_adapter_only and method == "none":
-            raise ConfigError(
-                "save_adapter_only=true needs an adapter; set peft.method=lora, or "
-                "save_adapter_only=false to save the fully fine-tuned model"
-            )
-        if method == "prompt_tuning" and not self.save_adapter_only:
-            raise ConfigError(
-                "a prompt-tuning adapter cannot be merged into the weights; set "
-                "save_adapter_only=true, or use peft.method=lora"
-            )
-        if method == "prompt_tuning" and self.packing:
+        if self.peft.method == "prompt_tuning" and self.packing:
             # The soft prompt goes in front of each row; a packed row holds several
             # conversations, and all but the first would train without it.
             raise ConfigError(

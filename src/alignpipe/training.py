@@ -14,10 +14,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from alignpipe.config import option
 from alignpipe.errors import ConfigError
+from alignpipe.models import DTYPES, PeftOptions
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,61 @@ class TrainingOptions:
             raise ConfigError(f"training.learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class ModelStageOptions:
+    """What every training stage shares: the model it starts from and how it is adapted.
+
+    A stage config inherits these fields and calls ``super().__post_init__()`` before its own
+    checks; ``stage`` names it in messages.
+    """
+
+    stage: ClassVar[str] = "this stage"
+
+    model: str | None = option(
+        None,
+        help="The model to start from (required): a hub id, a local folder, an s3:// prefix, "
+        "or a training stage's output folder.",
+    )
+    peft: PeftOptions = option(
+        default_factory=PeftOptions,
+        help="Adapter to train: lora (default), prompt_tuning, or none for full fine-tuning "
+        "(needed for a tiny model trained from scratch).",
+    )
+    training: TrainingOptions = option(
+        default_factory=TrainingOptions, help="Optimisation loop: steps, batch, learning rate."
+    )
+    save_adapter_only: bool = option(
+        False,
+        help="Save only the adapter (with the base model reference) instead of a merged "
+        "full model; needs peft.method lora or prompt_tuning.",
+    )
+    dtype: str = option(
+        "auto", help="dtype the weights are loaded in: auto, float32, bfloat16 or float16."
+    )
+    trust_remote_code: bool = option(
+        False, help="Run model code shipped with the model; only for models you trust."
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(
+                f"{self.stage} needs a model to start from: set model=<hub id, local folder or "
+                "s3:// URI>, e.g. a training stage's output folder"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.save_adapter_only and self.peft.method == "none":
+            raise ConfigError(
+                "save_adapter_only=true needs an adapter; set peft.method=lora, or "
+                "save_adapter_only=false to save the fully fine-tuned model"
+            )
+        if self.peft.method == "prompt_tuning" and not self.save_adapter_only:
+            raise ConfigError(
+                "a prompt-tuning adapter cannot be merged into the weights; set "
+                "save_adapter_only=true, or use peft.method=lora"
+            )
 
 
 @dataclass
