@@ -227,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignpipe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`alignpipe options sft | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _field_column(item: str) -> tuple[str, str]:

@@ -30,7 +30,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 class TrainingOptions:
     """The optimisation loop shared by every training stage."""
 
-    max_steps: int = option(200, help="Optimizer steps to train for (wins over num_epochs).")
+    max_steps: int = option(200, help="Optimizer steps to train for.")
     learning_rate: float = option(5e-4, help="Peak learning rate.")
     batch_size: int = option(16, help="Examples per device per forward pass.")
     gradient_accumulation_steps: int = option(
