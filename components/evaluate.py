@@ -20,6 +20,7 @@ def evaluate(
     config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
+    headline_to_parent: bool = True,
 ) -> bool:
     """Compare the aligned policy with the SFT model on held-out prompts and pairs.
 
@@ -41,6 +42,8 @@ def evaluate(
             evaluate``): scorers, generation settings, gate metric and thresholds.
         tracking_uri: MLflow tracking URI; unset = ``$MLFLOW_TRACKING_URI``.
         parent_run_id: MLflow parent run of this pipeline run.
+        headline_to_parent: Put the metrics on the parent run too; a pipeline that evaluates
+            several policies turns this off and logs a comparison instead.
 
     Returns:
         Whether the policy clears the gate (a plain bool: kfp.local does not evaluate
@@ -58,7 +61,7 @@ def evaluate(
         overrides={**(config or {}), **overrides},
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
-        metrics_to_parent=True,
+        metrics_to_parent=headline_to_parent,
     )
     for key, value in result.metrics.items():
         metrics.log_metric(key, value)

@@ -5,6 +5,8 @@
 ``kfp.local.SubprocessRunner``.
 """
 
+from pipelines.compare import compare_pipeline
 from pipelines.dpo import dpo_pipeline
+from pipelines.rlhf import rlhf_pipeline
 
-PIPELINES = {"dpo": dpo_pipeline}
+PIPELINES = {"dpo": dpo_pipeline, "rlhf": rlhf_pipeline, "compare": compare_pipeline}

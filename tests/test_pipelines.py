@@ -12,19 +12,25 @@ SECRET_VALUES = {
     "MLFLOW_TRACKING_PASSWORD": "mlflow-pass-456",
     "MLFLOW_TRACKING_TOKEN": "mlflow-token-789",
 }
-GPU_STAGES = {"dpo": ("sft", "dpo", "evaluate")}
+GPU_STAGES = {
+    "dpo": ("sft", "dpo", "evaluate"),
+    "rlhf": ("sft", "reward-model", "ppo", "evaluate"),
+    "compare": ("sft", "dpo", "reward-model", "ppo", "evaluate", "evaluate-2"),
+}
+CPU_STAGES = ("prep", "ingest", "base-model", "start-tracking", "end-tracking")
+TRACKING_AND_DATA = ("start-tracking", "end-tracking", "prep", "ingest", "base-model", "sft")
 EVERY_STAGE = {
-    "dpo": (
-        "start-tracking",
-        "end-tracking",
-        "prep",
-        "ingest",
-        "base-model",
-        "sft",
+    "dpo": (*TRACKING_AND_DATA, "dpo", "evaluate", "register"),
+    "rlhf": (*TRACKING_AND_DATA, "reward-model", "ppo", "evaluate", "register"),
+    "compare": (
+        *TRACKING_AND_DATA,
         "dpo",
+        "reward-model",
+        "ppo",
         "evaluate",
-        "register",
-    )
+        "evaluate-2",
+        "compare-report",
+    ),
 }
 
 
@@ -60,7 +66,7 @@ def test_gpu_stages_request_accelerators(compiled, name):
         assert resources["accelerator"]["resourceType"], stage
         assert resources["accelerator"]["resourceCount"], stage
         assert "resourceCpuLimit" in resources and "resourceMemoryLimit" in resources
-    for stage in ("prep", "ingest", "register"):
+    for stage in CPU_STAGES:
         assert "accelerator" not in executors[f"exec-{stage}"]["container"].get("resources", {})
 
 

@@ -21,6 +21,8 @@ STAGES: dict[str, tuple[str, str, bool]] = {
     "ingest": ("ingest", "IngestConfig", True),
     "sft": ("sft", "SftStageConfig", False),
     "dpo": ("dpo", "DpoStageConfig", False),
+    "reward_model": ("reward_model", "RewardModelStageConfig", False),
+    "ppo": ("ppo", "PpoStageConfig", False),
     "evaluate": ("evaluate", "EvalStageConfig", False),
 }
 
@@ -93,6 +95,18 @@ def run_stage(
         tags=tags,
     ) as tracker:
         result = run(config, inputs, output, tracker=tracker)
+        if not many:
+            # the cost side of a comparison: a KFP task is its own process, so this is its peak
+            peak = {"peak_rss_mb": peak_rss_mb()}
+            result.metrics.update(peak)
+            tracker.log_metrics(peak)
     if metrics_to_parent and tracking_uri and parent_run_id:
         MlflowTracker(tracking_uri, parent_run_id).log_metrics(result.metrics)
     return result
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

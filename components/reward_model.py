@@ -1,0 +1,48 @@
+"""Reward model component (TRL RewardTrainer)."""
+
+from typing import Optional
+
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import gpu_component
+
+
+@gpu_component
+def reward_model(
+    data: Input[Dataset],
+    sft_model: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    config: Optional[dict] = None,
+    tracking_uri: Optional[str] = None,
+    parent_run_id: Optional[str] = None,
+):
+    """Train a reward model on preference pairs: a scalar head on the SFT model.
+
+    Reports held-out pairwise accuracy (chosen scored above rejected) and the mean margin,
+    before and after training. The saved model scores text for PPO and for evaluation
+    (``alignpipe.reward_model.RewardScorer``).
+
+    Args:
+        data: An ingest output folder of preference pairs (train.parquet, eval.parquet).
+        sft_model: The model whose weights initialise the reward model's trunk.
+        model: Output folder: ``model/`` (a sequence classifier with one label),
+            ``checkpoints/``, ``metrics.json``.
+        metrics: Held-out accuracy and margin before and after training, train loss, tokens.
+        config: Options of ``alignpipe.reward_model.RewardModelStageConfig``
+            (``alignpipe options reward-model``).
+        tracking_uri: MLflow tracking URI; unset = ``$MLFLOW_TRACKING_URI``.
+        parent_run_id: MLflow parent run of this pipeline run.
+    """
+    from alignpipe.runner import run_stage
+
+    result = run_stage(
+        "reward_model",
+        data.path,
+        model.path,
+        overrides={**(config or {}), "model": sft_model.path},
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+    )
+    for key, value in result.metrics.items():
+        metrics.log_metric(key, value)

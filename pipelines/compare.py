@@ -1,0 +1,113 @@
+"""The ``compare`` pipeline: one SFT model, then DPO and reward model + PPO side by side.
+
+Both branches start from the same SFT model and preference pairs, are evaluated against the SFT
+model on the same prompts with the same scorers, and meet in a report that puts quality (reward,
+win rate, KL, length) next to cost (training time, tokens, peak memory). On a cluster the two
+branches run in parallel.
+"""
+
+from typing import Optional
+
+from kfp import dsl
+
+from components.compare import compare_report
+from components.dpo import dpo
+from components.evaluate import evaluate
+from components.tracking import end_tracking, start_tracking
+from pipelines import resources
+from pipelines.stages import data_stage, rlhf_stage, sft_stage
+
+
+@dsl.pipeline(name="alignpipe-compare", description=__doc__.splitlines()[0])
+def compare_pipeline(
+    sft_inputs: list,
+    preference_inputs: list,
+    base_model_ref: str = "tiny",
+    experiment: str = "alignpipe",
+    tracking_uri: Optional[str] = None,
+    prep_config: Optional[dict] = None,
+    ingest_config: Optional[dict] = None,
+    sft_config: Optional[dict] = None,
+    dpo_config: Optional[dict] = None,
+    reward_model_config: Optional[dict] = None,
+    ppo_config: Optional[dict] = None,
+    eval_config: Optional[dict] = None,
+    tiny_options: Optional[dict] = None,
+    accelerator_type: str = resources.ACCELERATOR_TYPE,
+    accelerator_count: int = resources.ACCELERATOR_COUNT,
+    train_cpu: str = resources.TRAIN_CPU,
+    train_memory: str = resources.TRAIN_MEMORY,
+):
+    """Measure DPO against RLHF (reward model + PPO) on the same data and SFT model."""
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    opened = start_tracking(
+        pipeline_name="compare", kfp_run_id=run_id, experiment=experiment, tracking_uri=tracking_uri
+    ).set_display_name("start tracking")
+    closer = end_tracking(kfp_run_id=run_id, tracking_uri=tracking_uri)
+    parent = opened.output
+    hardware = resources.hardware(accelerator_type, accelerator_count, train_cpu, train_memory)
+    with dsl.ExitHandler(closer.set_display_name("end tracking"), name="tracked"):
+        data = data_stage(
+            sft_inputs=sft_inputs,
+            preference_inputs=preference_inputs,
+            parent_run_id=parent,
+            prep_config=prep_config,
+            ingest_config=ingest_config,
+            tracking_uri=tracking_uri,
+        ).set_display_name("data")
+        conversations, pairs = data.outputs["conversations"], data.outputs["pairs"]
+        tuned = sft_stage(
+            conversations=conversations,
+            parent_run_id=parent,
+            base_model_ref=base_model_ref,
+            sft_config=sft_config,
+            tiny_options=tiny_options,
+            tracking_uri=tracking_uri,
+            **hardware,
+        ).set_display_name("SFT")
+
+        # the two branches
+        direct = dpo(
+            data=pairs,
+            sft_model=tuned.output,
+            config=dpo_config,
+            tracking_uri=tracking_uri,
+            parent_run_id=parent,
+        ).set_display_name("DPO")
+        resources.on_gpu(direct, **hardware)
+        rlhf = rlhf_stage(
+            pairs=pairs,
+            sft_model=tuned.output,
+            parent_run_id=parent,
+            reward_model_config=reward_model_config,
+            ppo_config=ppo_config,
+            tracking_uri=tracking_uri,
+            **hardware,
+        ).set_display_name("reward model and PPO")
+
+        # both against SFT, on the same prompts and scorers
+        evaluations = {}
+        for name, policy in (
+            ("dpo", direct.outputs["model"]),
+            ("ppo", rlhf.outputs["policy"]),
+        ):
+            evaluations[name] = evaluate(
+                policy=policy,
+                reference=tuned.output,
+                data=pairs,
+                sft_data=conversations,
+                config=eval_config,
+                tracking_uri=tracking_uri,
+                parent_run_id=parent,
+                headline_to_parent=False,
+            ).set_display_name(f"evaluate {name.upper()}")
+            resources.on_gpu(evaluations[name], **hardware)
+        compare_report(
+            dpo_evaluation=evaluations["dpo"].outputs["metrics"],
+            ppo_evaluation=evaluations["ppo"].outputs["metrics"],
+            dpo_training=direct.outputs["metrics"],
+            reward_model_training=rlhf.outputs["reward_model_metrics"],
+            ppo_training=rlhf.outputs["policy_metrics"],
+            tracking_uri=tracking_uri,
+            parent_run_id=parent,
+        ).set_display_name("comparison report")

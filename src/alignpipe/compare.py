@@ -1,0 +1,104 @@
+"""The comparison report of alignment methods run side by side on the same SFT model.
+
+Each branch (DPO; reward model + PPO; ...) brings its evaluation metrics (against the same SFT
+model, on the same prompts, with the same scorers) and the metrics of its training stages. The
+report puts quality (reward under each scorer, win rate, KL, response length) next to cost
+(training wall time, tokens processed, peak memory), so "DPO or RLHF?" becomes a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# quality rows: (label, metric name suffix or name in the evaluation metrics)
+QUALITY = (
+    ("win rate vs SFT", "gold_win_rate"),
+    ("KL to SFT", "kl_policy_reference"),
+    ("response tokens", "response_tokens_policy_mean"),
+    ("preference accuracy", "preference_accuracy"),
+)
+
+
+@dataclass
+class Branch:
+    """One alignment method: its evaluation metrics and its training stages' metrics."""
+
+    name: str
+    evaluation: Mapping[str, float]
+    stages: Sequence[Mapping[str, float]]
+
+    def cost(self) -> dict[str, float]:
+        """Training wall time and tokens summed over the branch's stages; the largest peak."""
+        return {
+            "train_seconds": sum(s.get("train_seconds", 0.0) for s in self.stages),
+            "train_tokens": sum(s.get("train_tokens", 0.0) for s in self.stages),
+            "peak_rss_mb": max((s.get("peak_rss_mb", 0.0) for s in self.stages), default=0.0),
+        }
+
+
+def compare(branches: Sequence[Branch], output: str | Path) -> dict[str, float]:
+    """Write ``comparison.md`` and ``comparison.json`` under ``output``; return flat metrics.
+
+    Metrics are named ``<branch>_<metric>``, e.g. ``dpo_gold_reward_policy`` and
+    ``ppo_train_seconds``, so MLflow's comparison view lines runs up by them.
+    """
+    if len(branches) < 2:
+        raise ValueError("a comparison needs at least two branches")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, float] = {}
+    for branch in branches:
+        for key, value in {**branch.evaluation, **branch.cost()}.items():
+            metrics[f"{branch.name}_{key}"] = float(value)
+    (out / "comparison.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "comparison.md").write_text(render(branches))
+    log.info("comparison of %s written to %s", ", ".join(b.name for b in branches), out)
+    return metrics
+
+
+def render(branches: Sequence[Branch]) -> str:
+    """The comparison as a Markdown report (KFP renders it in the run's UI)."""
+    reference = branches[0].evaluation
+    scorers = sorted(
+        k.removesuffix("_reward_policy") for k in reference if k.endswith("_reward_policy")
+    )
+    header = "| | SFT | " + " | ".join(b.name for b in branches) + " |"
+    rule = "|---" * (len(branches) + 2) + "|"
+    rows = []
+    for scorer in scorers:
+        sft = reference.get(f"{scorer}_reward_reference")
+        cells = [_fmt(b.evaluation.get(f"{scorer}_reward_policy")) for b in branches]
+        rows.append(f"| {scorer} reward | {_fmt(sft)} | " + " | ".join(cells) + " |")
+    for label, key in QUALITY:
+        sft = "0.5" if key.endswith("win_rate") else ""
+        if key == "response_tokens_policy_mean":
+            sft = _fmt(reference.get("response_tokens_reference_mean"))
+        cells = [_fmt(b.evaluation.get(key)) for b in branches]
+        rows.append(f"| {label} | {sft} | " + " | ".join(cells) + " |")
+    cost_rows = [
+        ("training seconds", "train_seconds"),
+        ("tokens processed", "train_tokens"),
+        ("peak memory (MiB)", "peak_rss_mb"),
+    ]
+    for label, key in cost_rows:
+        cells = [_fmt(b.cost()[key]) for b in branches]
+        rows.append(f"| {label} | | " + " | ".join(cells) + " |")
+    return (
+        "# Alignment methods compared\n\n"
+        "Every branch starts from the same SFT model and is evaluated against it on the same "
+        "held-out prompts with the same scorers and generation settings. Cost sums the "
+        "branch's training stages (a reward model and PPO for RLHF); peak memory is the "
+        "largest of its stages' processes.\n\n" + "\n".join([header, rule, *rows]) + "\n"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3f}"
