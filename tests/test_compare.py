@@ -28,6 +28,9 @@ PPO_TRAIN = {"train_seconds": 40.0, "train_tokens": 90_000.0, "peak_rss_mb": 110
 def test_cost_sums_time_and_tokens_and_takes_the_largest_peak():
     rlhf = Branch("ppo", PPO_EVAL, [RM_TRAIN, PPO_TRAIN])
     assert rlhf.cost() == {"train_seconds": 45.0, "train_tokens": 150_000.0, "peak_rss_mb": 1100.0}
+    # a stage that does not count tokens makes the branch's token cost unknown, not smaller
+    partial = Branch("ppo", PPO_EVAL, [RM_TRAIN, {"train_seconds": 40.0, "peak_rss_mb": 1.0}])
+    assert "train_tokens" not in partial.cost()
 
 
 def test_metrics_are_prefixed_by_branch_and_the_report_has_both(tmp_path):

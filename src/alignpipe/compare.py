@@ -34,12 +34,16 @@ class Branch:
     stages: Sequence[Mapping[str, float]]
 
     def cost(self) -> dict[str, float]:
-        """Training wall time and tokens summed over the branch's stages; the largest peak."""
-        return {
-            "train_seconds": sum(s.get("train_seconds", 0.0) for s in self.stages),
-            "train_tokens": sum(s.get("train_tokens", 0.0) for s in self.stages),
-            "peak_rss_mb": max((s.get("peak_rss_mb", 0.0) for s in self.stages), default=0.0),
-        }
+        """Training wall time and tokens summed over the branch's stages; the largest peak.
+
+        A cost that some stage of the branch does not report is left out rather than
+        understated.
+        """
+        cost = {}
+        for key, combine in (("train_seconds", sum), ("train_tokens", sum), ("peak_rss_mb", max)):
+            if self.stages and all(key in s for s in self.stages):
+                cost[key] = float(combine(s[key] for s in self.stages))
+        return cost
 
 
 def compare(branches: Sequence[Branch], output: str | Path) -> dict[str, float]:
@@ -87,7 +91,7 @@ def render(branches: Sequence[Branch]) -> str:
         ("peak memory (MiB)", "peak_rss_mb"),
     ]
     for label, key in cost_rows:
-        cells = [_fmt(b.cost()[key]) for b in branches]
+        cells = [_fmt(b.cost().get(key)) for b in branches]
         rows.append(f"| {label} | | " + " | ".join(cells) + " |")
     return (
         "# Alignment methods compared\n\n"
