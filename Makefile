@@ -7,6 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # Where the CPU build of torch comes from when the configured package sources do not have it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo-output
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup test lint format demo compile bench clean
@@ -37,7 +38,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 demo: setup
-	$(BIN)/python -m alignpipe.demo --output $(DEMO_DIR)
+	$(BIN)/python -m alignpipe.demo --output $(DEMO_DIR) $(DEMO_ARGS)
 
 compile: setup
 	$(BIN)/python -m pipelines compile --output compiled

@@ -1,10 +1,12 @@
-"""``make demo``: run the ``dpo`` pipeline on this machine and show what alignment did.
+"""``make demo``: run the ``compare`` pipeline on this machine and show what alignment did.
 
 Writes the built-in synthetic task (a known gold preference rule, simulated annotators), runs
-the ``dpo`` pipeline under ``kfp.local`` on a tiny model trained from scratch, then prints SFT
-against DPO on the gold reward, win rate and KL, with the wall time of each stage, and says how
-to open the runs in the MLflow UI. Honours ``MLFLOW_TRACKING_URI``; without it the runs go to a
-SQLite store in the output folder.
+the ``compare`` pipeline under ``kfp.local`` on a tiny model trained from scratch (one SFT, then
+DPO on one branch and a reward model + PPO on the other), and prints SFT, DPO and PPO side by
+side: gold reward, win rate and KL against SFT, training time and peak memory, and the wall time
+of each stage. ``--pipeline dpo`` runs the ``dpo`` pipeline (with the gate and registration)
+instead. Honours ``MLFLOW_TRACKING_URI``; without it the runs go to a SQLite store in the output
+folder.
 
 This module drives the pipeline definitions in the repository's ``pipelines`` package, so it
 runs from a source checkout (``make demo``), not from an installed wheel.
@@ -55,10 +57,38 @@ DEMO_ARGUMENTS: dict[str, Any] = {
 }
 
 
+# The RLHF branch of `compare`: a reward model from the SFT model, then PPO (LoRA on every
+# linear layer, KL-penalised) against it.
+COMPARE_ARGUMENTS: dict[str, Any] = {
+    "reward_model_config": {
+        "peft": {"method": "none"},
+        "max_length": 64,
+        "training": {"max_steps": 300, "learning_rate": 1e-3, "batch_size": 32},
+    },
+    "ppo_config": {
+        "reward": "reward_model",
+        "max_new_tokens": 16,
+        "kl_coef": 0.2,
+        "max_kl_to_reference": 3.0,
+        "peft": {"lora": {"target_modules": ["all-linear"]}},
+        "training": {
+            "max_steps": 60,
+            "learning_rate": 2e-3,
+            "lr_scheduler": "constant",
+            "save_steps": 20,
+        },
+    },
+}
+DEFAULT_PIPELINE = "compare"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alignpipe.demo", description=__doc__)
     parser.add_argument("--output", default="demo-output", help="folder for everything it writes")
     parser.add_argument("--experiment", default="alignpipe-demo", help="MLflow experiment")
+    parser.add_argument(
+        "--pipeline", choices=("compare", "dpo"), default=DEFAULT_PIPELINE, help="what to run"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -79,18 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         "experiment": args.experiment,
     }
     started = time.perf_counter()
-    run_pipeline("dpo", arguments, out / "kfp-local")
+    if args.pipeline == "compare":
+        arguments |= COMPARE_ARGUMENTS
+    else:
+        arguments["model_name"] = "alignpipe-demo"
+    run_pipeline(args.pipeline, arguments, out / "kfp-local")
     minutes = (time.perf_counter() - started) / 60
 
     # what it did
-    table = summarize(tracking_uri, args.experiment)
+    table = summarize(tracking_uri, args.experiment, args.pipeline)
     table["pipeline_minutes"] = round(minutes, 2)
     print_table(table)
-    report = newest_report(out / "kfp-local")
+    report = newest_report(out / "kfp-local", args.pipeline)
     for folder in {out, report.parent}:
         (folder / "demo.json").write_text(json.dumps(table, indent=2) + "\n")
-    print(f"\nThe evaluation report: {report} (the table as JSON beside it: demo.json)")
-    print("Browse the runs (parent run with a child per stage, and the registered model):")
+    print(f"\nThe report: {report} (the table as JSON beside it: demo.json)")
+    print("Browse the runs (a parent run per pipeline run, a child per stage):")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000")
     return 0
 
@@ -106,15 +140,18 @@ def run_pipeline(name: str, arguments: dict[str, Any], pipeline_root: Path) -> N
     run_local(name, arguments, pipeline_root)
 
 
-def newest_report(pipeline_root: Path) -> Path:
-    """The evaluation report of the newest local pipeline run."""
-    reports = sorted(pipeline_root.glob("*/evaluate/evaluation/report.md"))
+def newest_report(pipeline_root: Path, pipeline: str) -> Path:
+    """The newest local run's report: the comparison for ``compare``, else the evaluation's."""
+    pattern = (
+        "*/compare-report/report" if pipeline == "compare" else "*/evaluate/evaluation/report.md"
+    )
+    reports = sorted(pipeline_root.glob(pattern))
     if not reports:
-        raise SystemExit(f"no evaluation report under {pipeline_root}; did the pipeline run?")
+        raise SystemExit(f"no report under {pipeline_root}; did the pipeline run?")
     return max(reports, key=lambda p: p.stat().st_mtime)
 
 
-def summarize(tracking_uri: str, experiment: str) -> dict[str, Any]:
+def summarize(tracking_uri: str, experiment: str, pipeline: str) -> dict[str, Any]:
     """Headline metrics of the newest pipeline run and the wall time of each stage."""
     from mlflow import MlflowClient
 
@@ -129,40 +166,48 @@ def summarize(tracking_uri: str, experiment: str) -> dict[str, Any]:
     children = client.search_runs(
         [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    stages = {
-        run.data.tags.get("alignpipe.stage"): round(
-            (run.info.end_time - run.info.start_time) / 1e3, 1
-        )
-        for run in children
-        if run.info.end_time
-    }
+    stages: dict[str, float] = {}
+    for run in sorted(children, key=lambda r: r.info.start_time):
+        if run.info.end_time:
+            name = run.data.tags.get("alignpipe.stage", "?")
+            name = name if name not in stages else f"{name} ({len(stages)})"
+            stages[name] = round((run.info.end_time - run.info.start_time) / 1e3, 1)
     metrics = parent.data.metrics
+    # the dpo pipeline puts the evaluation's metrics on the parent as they are; compare prefixes
+    # them with the branch
+    branches = {"DPO": "dpo_", "PPO": "ppo_"} if pipeline == "compare" else {"DPO": ""}
+    first = next(iter(branches.values()))
+    rows = {"SFT": {"gold_reward": metrics.get(f"{first}gold_reward_reference")}}
+    for label, prefix in branches.items():
+        rows[label] = {
+            "gold_reward": metrics.get(f"{prefix}gold_reward_policy"),
+            "win_rate_vs_sft": metrics.get(f"{prefix}gold_win_rate"),
+            "kl_to_sft": metrics.get(f"{prefix}kl_policy_reference"),
+            "train_seconds": metrics.get(f"{prefix}train_seconds"),
+            "peak_rss_mb": metrics.get(f"{prefix}peak_rss_mb"),
+        }
     return {
+        "pipeline": pipeline,
         "parent_run_id": parent.info.run_id,
         "status": parent.info.status,
-        "sft": {"gold_reward": metrics.get("gold_reward_reference")},
-        "dpo": {
-            "gold_reward": metrics.get("gold_reward_policy"),
-            "win_rate_vs_sft": metrics.get("gold_win_rate"),
-            "kl_to_sft": metrics.get("kl_policy_reference"),
-        },
-        "gate_passed": bool(metrics.get("passed")),
+        "models": rows,
+        "gate_passed": bool(metrics.get("passed")) if pipeline != "compare" else None,
         "stage_seconds": stages,
     }
 
 
 def print_table(table: dict[str, Any]) -> None:
     def fmt(value: Any) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
+        return "" if value is None else f"{value:.3f}"
 
-    print(f"\n{'model':<6}{'gold reward':>13}{'win rate vs SFT':>17}{'KL to SFT':>11}")
-    print(f"{'SFT':<6}{fmt(table['sft']['gold_reward']):>13}{'':>17}{'':>11}")
-    dpo = table["dpo"]
-    print(
-        f"{'DPO':<6}{fmt(dpo['gold_reward']):>13}{fmt(dpo['win_rate_vs_sft']):>17}"
-        f"{fmt(dpo['kl_to_sft']):>11}"
-    )
-    print(f"\ngate passed: {table['gate_passed']}; pipeline {table['status']}")
+    columns = ("gold reward", "win rate vs SFT", "KL to SFT", "train s", "peak MiB")
+    keys = ("gold_reward", "win_rate_vs_sft", "kl_to_sft", "train_seconds", "peak_rss_mb")
+    print("\n" + f"{'model':<6}" + "".join(f"{c:>17}" for c in columns))
+    for name, row in table["models"].items():
+        print(f"{name:<6}" + "".join(f"{fmt(row.get(k)):>17}" for k in keys))
+    if table["gate_passed"] is not None:
+        print(f"\ngate passed: {table['gate_passed']}")
+    print(f"pipeline {table['pipeline']}: {table['status']}")
     print(
         "wall time per stage (s): "
         + ", ".join(f"{k} {v}" for k, v in table["stage_seconds"].items())

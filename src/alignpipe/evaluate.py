@@ -64,8 +64,18 @@ class GoldScorer:
         return scores
 
 
-# Scorer name -> factory taking the stage config (a reward model scorer will need its options).
-SCORERS: dict[str, Callable[[EvalStageConfig], Scorer]] = {"gold": lambda config: GoldScorer()}
+def _reward_model_scorer(config: EvalStageConfig) -> Scorer:
+    """The reward_model stage's model as a scorer (imported late: it pulls in TRL)."""
+    from alignpipe.reward_model import RewardScorer
+
+    return RewardScorer(config.reward_model, batch_size=config.batch_size)
+
+
+# Scorer name -> factory taking the stage config (a reward model scorer needs its options).
+SCORERS: dict[str, Callable[[EvalStageConfig], Scorer]] = {
+    "gold": lambda config: GoldScorer(),
+    "reward_model": _reward_model_scorer,
+}
 
 
 def register_scorer(name: str, factory: Callable[[EvalStageConfig], Scorer]) -> None:
@@ -103,8 +113,14 @@ class EvalStageConfig:
     )
     scorers: list[str] = option(
         default_factory=lambda: ["gold"],
-        help="Response scorers; gold = the synthetic task's gold rule. Each adds "
-        "<name>_reward_policy/_reference/_delta and <name>_win_rate.",
+        help="Response scorers; gold = the synthetic task's gold rule, reward_model = the model "
+        "named by reward_model. Each adds <name>_reward_policy/_reference/_delta and "
+        "<name>_win_rate.",
+    )
+    reward_model: str | None = option(
+        None,
+        help="Reward model for scorers=[reward_model]: the reward_model stage's output folder, "
+        "an s3:// prefix or a hub id.",
     )
     num_prompts: int = option(64, help="Distinct held-out prompts both models answer.")
     samples_per_prompt: int = option(
@@ -147,6 +163,11 @@ class EvalStageConfig:
                 raise ConfigError(f"unknown scorer {name!r}; known scorers: {known}")
         if len(set(self.scorers)) != len(self.scorers):
             raise ConfigError(f"scorers lists a scorer twice: {self.scorers}")
+        if "reward_model" in self.scorers and not (self.reward_model or "").strip():
+            raise ConfigError(
+                "scorers lists reward_model but no reward model is set; set reward_model=<the "
+                "reward_model stage's output folder>, or drop reward_model from scorers"
+            )
         for name in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -345,8 +366,13 @@ def generate_responses(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Messages],
     config: EvalStageConfig,
+    top_k: int = 0,
 ) -> Generation:
     """Answer each prompt, in batches, left-padded, with the KV cache, from ``config.seed``.
+
+    ``config`` may be any object with the sampling fields of :class:`EvalStageConfig`
+    (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``seed``, ``batch_size``);
+    ``top_k`` keeps only the k likeliest tokens when sampling (0 = off).
 
     Returns:
         The prompt ids, each response's ids up to and including the first end-of-turn token
@@ -357,7 +383,7 @@ def generate_responses(
 
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    sampling = {"temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
+    sampling = {"temperature": config.temperature, "top_p": config.top_p, "top_k": top_k}
     generation_config = GenerationConfig(
         max_new_tokens=config.max_new_tokens,
         do_sample=config.do_sample,
@@ -431,6 +457,7 @@ def completion_logprobs(
     model: PreTrainedModel,
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
     batch_size: int,
+    temperature: float = 1.0,
 ) -> list[float]:
     """Sum of ``log p(token | everything before it)`` over each completion's tokens.
 
@@ -438,6 +465,8 @@ def completion_logprobs(
         model: A causal LM.
         sequences: ``(prompt_ids, completion_ids)`` pairs; the prompt must not be empty.
         batch_size: Sequences per forward pass (right-padded, so positions start at 0).
+        temperature: Score under ``softmax(logits / temperature)``, the distribution a sampler
+            at that temperature draws from (top-k/top-p truncation aside).
 
     Returns:
         One summed log-probability per sequence, in float64.
@@ -461,7 +490,7 @@ def completion_logprobs(
                 scored[row, len(prompt) : len(tokens)] = True
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
             # logits at position t predict token t + 1: (batch, width - 1, vocab)
-            logprobs = torch.log_softmax(logits.logits[:, :-1].float(), dim=-1)
+            logprobs = torch.log_softmax(logits.logits[:, :-1].float() / temperature, dim=-1)
             targets = ids[:, 1:].to(logprobs.device)
             picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             picked = picked.double() * scored[:, 1:].to(picked.device)
