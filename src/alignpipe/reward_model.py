@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from alignpipe import models, storage
 from alignpipe.config import flatten, option
@@ -25,7 +25,7 @@ from alignpipe.errors import ConfigError, DataError, ModelError
 from alignpipe.models import PeftOptions
 from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
 from alignpipe.training import (
-    TrainingOptions,
+    ModelStageOptions,
     TrainResult,
     last_checkpoint,
     quiet_printing,
@@ -48,8 +48,10 @@ Messages = list[dict[str, str]]
 
 
 @dataclass
-class RewardModelStageConfig:
+class RewardModelStageConfig(ModelStageOptions):
     """A reward model trained on preference pairs (TRL ``RewardTrainer``)."""
+
+    stage: ClassVar[str] = "reward_model"
 
     model: str | None = option(
         None,
@@ -60,9 +62,6 @@ class RewardModelStageConfig:
         default_factory=PeftOptions,
         help="lora (default): train an adapter plus the score head; none: train every weight. "
         "prompt_tuning is not supported for reward models.",
-    )
-    training: TrainingOptions = option(
-        default_factory=TrainingOptions, help="Optimisation loop: steps, batch, learning rate."
     )
     max_length: int = option(
         512, help="Longest prompt + response in tokens; longer pairs are dropped, not cut."
@@ -77,24 +76,16 @@ class RewardModelStageConfig:
         help="Weight of a penalty on the squared mean reward of each pair, which keeps rewards "
         "centred on zero (0.01 is the usual value); unset = no penalty.",
     )
-    save_adapter_only: bool = option(
-        False,
-        help="Save only the adapter and score head (with the base model reference) instead of "
-        "a merged full model; needs peft.method=lora.",
-    )
-    dtype: str = option(
-        "auto", help="dtype the weights are loaded in: auto, float32, bfloat16 or float16."
-    )
-    trust_remote_code: bool = option(
-        False, help="Run model code shipped with the model; only for models you trust."
-    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model.strip():
+        if self.peft.method == "prompt_tuning":
+            # The soft prompt replaces input_ids by embeddings, and the classifier then cannot
+            # find the last non-pad token it reads the reward from.
             raise ConfigError(
-                "reward_model needs a model to start from: set model=<the sft stage's output "
-                "folder, a local folder, a hub id or an s3:// URI>"
+                "peft.method=prompt_tuning does not work for a reward model; use peft.method=lora "
+                "or peft.method=none"
             )
+        super().__post_init__()
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
             raise ConfigError(f"max_length must be an integer, got {self.max_length!r}")
         if self.max_length < 2:
@@ -103,22 +94,6 @@ class RewardModelStageConfig:
             raise ConfigError(
                 f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}; "
                 "try 0.01, or leave it unset"
-            )
-        if self.dtype not in models.DTYPES:
-            raise ConfigError(
-                f"dtype must be one of {', '.join(models.DTYPES)}, got {self.dtype!r}"
-            )
-        if self.peft.method == "prompt_tuning":
-            # The soft prompt replaces input_ids by embeddings, and the classifier then cannot
-            # find the last non-pad token it reads the reward from.
-            raise ConfigError(
-                "peft.method=prompt_tuning does not work for a reward model; use peft.method=lora "
-                "or peft.method=none"
-            )
-        if self.save_adapter_only and self.peft.method == "none":
-            raise ConfigError(
-                "save_adapter_only=true needs an adapter; set peft.method=lora, or "
-                "save_adapter_only=false to save the fully fine-tuned model"
             )
 
 
