@@ -24,7 +24,10 @@ from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
 from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
+    base_ref,
+    checkpoint_step,
     last_checkpoint,
+    local_output,
     quiet_printing,
     tracker_callback,
     trainer_arguments,
@@ -155,7 +158,7 @@ def run(
     """
     tracker = tracker or NullTracker()
     tracker.log_params(flatten(config))
-    out = _local_folder(output)
+    out = local_output(output, "dpo")
 
     # data, the policy and the trainer that holds the reference
     train_set, eval_set = (load_pairs(data, split, tracker) for split in ("train", "eval"))
@@ -342,25 +345,10 @@ def _metrics(
             "train_tokens": float(state.num_input_tokens_seen),
             "train_seconds": seconds,
             "global_step": float(state.global_step),
-            "resumed_from_step": float(_step_of(resume) if resume else 0),
+            "resumed_from_step": float(checkpoint_step(resume) if resume else 0),
         }
     )
     return metrics
-
-
-def _step_of(checkpoint: str) -> int:
-    return int(Path(checkpoint).name.rsplit("-", 1)[1])
-
-
-def _local_folder(output: str) -> Path:
-    if "://" in output:
-        raise ConfigError(
-            f"dpo writes to a local folder, got {output!r}; give a local --output (a KFP "
-            "component gets one) and upload the model afterwards"
-        )
-    folder = Path(output).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _save(config: DpoStageConfig, model: Any, tokenizer: Any, output: Path) -> str:
@@ -371,14 +359,7 @@ def _save(config: DpoStageConfig, model: Any, tokenizer: Any, output: Path) -> s
         tokenizer,
         str(dest),
         merge_adapter=adapter and not config.save_adapter_only,
-        base_ref=_base_ref(config.model) if config.save_adapter_only else None,
+        base_ref=base_ref(config.model) if config.save_adapter_only else None,
     )
     log.info("dpo: saved the %s to %s", "adapter" if config.save_adapter_only else "model", dest)
     return str(dest)
-
-
-def _base_ref(ref: str) -> str:
-    # an adapter records where its base lives: the URI or hub id as given, a folder in full
-    if ref.startswith("s3://"):
-        return ref
-    return models.resolve_model(ref)

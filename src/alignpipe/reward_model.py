@@ -27,7 +27,10 @@ from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
 from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
+    base_ref,
+    checkpoint_step,
     last_checkpoint,
+    local_output,
     quiet_printing,
     tracker_callback,
     trainer_arguments,
@@ -128,7 +131,7 @@ def run(
     """
     tracker = tracker or NullTracker()
     tracker.log_params(flatten(config))
-    out = _local_folder(output)
+    out = local_output(output, "reward_model")
 
     # data, the model with a fresh score head, and the trainer that ties them together
     train_set, eval_set = (load_pairs(data, split, tracker) for split in ("train", "eval"))
@@ -553,25 +556,10 @@ def _metrics(
             "train_tokens": float(state.num_input_tokens_seen),
             "train_seconds": seconds,
             "global_step": float(state.global_step),
-            "resumed_from_step": float(_step_of(resume) if resume else 0),
+            "resumed_from_step": float(checkpoint_step(resume) if resume else 0),
         }
     )
     return metrics
-
-
-def _step_of(checkpoint: str) -> int:
-    return int(Path(checkpoint).name.rsplit("-", 1)[1])
-
-
-def _local_folder(output: str) -> Path:
-    if "://" in output:
-        raise ConfigError(
-            f"reward_model writes to a local folder, got {output!r}; give a local --output (a "
-            "KFP component gets one) and upload the model afterwards"
-        )
-    folder = Path(output).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _save(config: RewardModelStageConfig, model: Any, tokenizer: Any, output: Path) -> str:
@@ -584,7 +572,7 @@ def _save(config: RewardModelStageConfig, model: Any, tokenizer: Any, output: Pa
         tokenizer,
         str(dest),
         merge_adapter=adapter and not config.save_adapter_only,
-        base_ref=_base_ref(config.model) if config.save_adapter_only else None,
+        base_ref=base_ref(config.model) if config.save_adapter_only else None,
     )
     log.info(
         "reward_model: saved the %s to %s",
@@ -592,10 +580,3 @@ def _save(config: RewardModelStageConfig, model: Any, tokenizer: Any, output: Pa
         dest,
     )
     return str(dest)
-
-
-def _base_ref(ref: str) -> str:
-    # an adapter records where its base lives: the URI or hub id as given, a folder in full
-    if ref.startswith("s3://"):
-        return ref
-    return models.resolve_model(ref)

@@ -22,7 +22,10 @@ from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
 from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
+    base_ref,
+    checkpoint_step,
     last_checkpoint,
+    local_output,
     perplexity,
     quiet_printing,
     tracker_callback,
@@ -101,7 +104,7 @@ def run(
     """
     tracker = tracker or NullTracker()
     tracker.log_params(flatten(config))
-    out = _local_folder(output)
+    out = local_output(output, "sft")
 
     # data, model and the trainer that ties them together
     train_set, eval_set = (load_conversations(data, split, tracker) for split in ("train", "eval"))
@@ -129,17 +132,6 @@ def run(
     model_dir = _save(config, trainer.model, tokenizer, out)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from=resume)
-
-
-def _local_folder(output: str) -> Path:
-    if "://" in output:
-        raise ConfigError(
-            f"sft writes to a local folder, got {output!r}; give a local --output (a KFP "
-            "component gets one) and upload the model afterwards"
-        )
-    folder = Path(output).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def load_conversations(data: str, split: str, tracker: Tracker | None = None) -> Dataset:
@@ -290,12 +282,8 @@ def _metrics(
     if losses:
         metrics["train_loss"] = losses[-1]
     if resume:
-        metrics["resumed_from_step"] = float(_step_of(resume))
+        metrics["resumed_from_step"] = float(checkpoint_step(resume))
     return metrics
-
-
-def _step_of(checkpoint: str) -> int:
-    return int(Path(checkpoint).name.rsplit("-", 1)[1])
 
 
 def _save(config: SftStageConfig, model: Any, tokenizer: Any, output: Path) -> str:
@@ -306,14 +294,7 @@ def _save(config: SftStageConfig, model: Any, tokenizer: Any, output: Path) -> s
         tokenizer,
         str(dest),
         merge_adapter=adapter and not config.save_adapter_only,
-        base_ref=_base_ref(config.model) if adapter else None,
+        base_ref=base_ref(config.model) if adapter else None,
     )
     log.info("saved the %s to %s", "adapter" if config.save_adapter_only else "model", dest)
     return str(dest)
-
-
-def _base_ref(ref: str) -> str:
-    # an adapter records where its base lives: the URI or hub id as given, a folder in full
-    if ref.startswith("s3://"):
-        return ref
-    return models.resolve_model(ref)

@@ -254,3 +254,29 @@ def _cuda() -> bool:
 
 def _interactive() -> bool:
     return os.isatty(2) and "KFP_POD_NAME" not in os.environ
+
+
+def local_output(output: str, stage: str) -> Path:
+    """The stage's output folder, created; training stages write locally (checkpoints)."""
+    if "://" in output:
+        raise ConfigError(
+            f"{stage} writes to a local folder, got {output!r}; give a local --output (a KFP "
+            "component gets one) and upload the model afterwards"
+        )
+    folder = Path(output).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The step number in a ``checkpoint-N`` folder's name."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[1])
+
+
+def base_ref(ref: str) -> str:
+    """Where an adapter's base lives: the URI or hub id as given, a local folder in full."""
+    if ref.startswith("s3://"):
+        return ref
+    from alignpipe import models
+
+    return models.resolve_model(ref)
