@@ -1,4 +1,4 @@
-"""``python -m bench``: run the DPO benchmark (``--help`` lists the counts and switches)."""
+"""``python -m bench``: run the benchmarks (``--help`` lists the counts and switches)."""
 
 from bench.dpo import main
 

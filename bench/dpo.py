@@ -1,7 +1,8 @@
-"""The DPO benchmark behind ``make bench``: alignpipe's DPO stage against what a user would run.
+"""The benchmarks behind ``make bench``: alignpipe against what a user would run instead.
 
-Two comparisons, each in whole fresh processes, alternating sides so that both meet the same
-noise on a shared machine:
+Two DPO comparisons here, each in whole fresh processes, alternating sides so that both meet the
+same noise on a shared machine (and two RLHF ones in :mod:`bench.rlhf`: a PPO pass against a
+DPO pass, and generation with and without the KV cache):
 
 - overhead: alignpipe's DPO stage against TRL's ``DPOTrainer`` called directly with the same
   data, tiny model, LoRA settings, steps, batch, sequence length, learning rate, seed, threads
@@ -11,7 +12,8 @@ noise on a shared machine:
   so that the weights dominate; peak RSS of the whole process from ``/usr/bin/time -v``.
 
 Counts come from the command line or ``BENCH_*`` environment variables (see ``--help``). The
-results go to ``OUTPUT/dpo-<date>.json``; ``--markdown FILE`` prints the README table from one.
+results go to ``OUTPUT/bench-<date>.json``; ``--markdown FILE`` prints the README tables from
+one.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench import REPO, rlhf, worker_env
 from bench.stats import OVERHEAD_MEASURES, markdown_table, parse_time_v, summarize_pairs
 
 log = logging.getLogger("bench.dpo")
 
-REPO = Path(__file__).resolve().parents[1]
 GNU_TIME = "/usr/bin/time"
 
 # The pairs: the synthetic task's simulated votes reduced to preference pairs by the ingest stage.
@@ -116,38 +118,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         result = json.loads(Path(args.markdown).read_text(encoding="utf-8"))
         print(markdown_table(result), end="")
+        print("\n".join(rlhf.markdown_lines(result)))
         return 0
     if args.pairs < 1 or args.memory_runs < 0 or args.warmup < 0:
         raise SystemExit("--pairs must be at least 1; --warmup and --memory-runs at least 0")
 
     started = time.perf_counter()
     out = Path(args.output).resolve()
-    work = out / "work-dpo"
+    work = out / "work"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     result: dict[str, Any] = {
-        "benchmark": "dpo",
+        "benchmark": "alignpipe",
         "date": datetime.date.today().isoformat(),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(args.threads),
         "device": "cpu",
     }
 
-    # fixtures: pairs, the tiny model, the ~100M model
+    # DPO: fixtures (pairs, the tiny model, the ~100M model), then the two comparisons
+    overhead = args.only in ("all", "overhead")
     memory = args.only in ("all", "memory") and args.memory_runs > 0
-    fixtures = prepare_fixtures(work, with_memory_model=memory)
-    result["data"] = {"task": TASK, **fixtures.counts}
-
-    # the comparisons
-    if args.only in ("all", "overhead"):
-        result["overhead"] = run_overhead(fixtures, work, args)
+    if overhead or memory:
+        fixtures = prepare_fixtures(work / "dpo", with_memory_model=memory)
+        result["data"] = {"task": TASK, **fixtures.counts}
+    if overhead:
+        result["overhead"] = run_overhead(fixtures, work / "dpo", args)
     if memory:
-        result["memory"] = run_memory(fixtures, work, args)
+        result["memory"] = run_memory(fixtures, work / "dpo", args)
+
+    # RLHF: a PPO pass against a DPO pass; generation with and without the KV cache
+    if args.only in ("all", "ppo", "generation"):
+        result |= rlhf.run(work / "rlhf", args, args.only)
     result["wall_s"] = time.perf_counter() - started
     result["machine"]["loadavg_end"] = _loadavg()
 
-    path = out / f"dpo-{result['date']}.json"
+    path = out / f"bench-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not args.keep_work:
         shutil.rmtree(work)
@@ -195,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--only",
-        choices=("all", "overhead", "memory"),
+        choices=("all", "overhead", "memory", "ppo", "generation"),
         default=env("BENCH_ONLY", "all"),
         help="run one comparison only (BENCH_ONLY)",
     )
@@ -396,7 +403,7 @@ def run_worker(
     with log_file.open("w", encoding="utf-8") as handle:
         started = time.perf_counter()
         process = subprocess.Popen(
-            command, stdout=handle, stderr=subprocess.STDOUT, env=_worker_env(threads), cwd=REPO
+            command, stdout=handle, stderr=subprocess.STDOUT, env=worker_env(threads), cwd=REPO
         )
         _, status, usage = os.wait4(process.pid, 0)
         elapsed = time.perf_counter() - started
@@ -421,24 +428,6 @@ def run_worker(
     # checkpoints of the ~100M model run to gigabytes; only the timings are kept
     shutil.rmtree(output, ignore_errors=True)
     return timings
-
-
-def _worker_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    # CPU only, fixed threads, no network, no tracking: the same conditions for every run
-    env.update(
-        {
-            "CUDA_VISIBLE_DEVICES": "",
-            "OMP_NUM_THREADS": str(threads),
-            "MKL_NUM_THREADS": str(threads),
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-        }
-    )
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +494,7 @@ def text_report(result: dict[str, Any]) -> str:
     """The side-by-side table printed at the end of a run."""
     machine = result["machine"]
     lines = [
-        f"DPO benchmark, {result['date']}: {machine['cpu_model']}, {machine['cores']} cores, "
+        f"Benchmarks, {result['date']}: {machine['cpu_model']}, {machine['cores']} cores, "
         f"{machine['threads']} torch threads; torch {machine['versions']['torch']}, "
         f"trl {machine['versions']['trl']}, transformers {machine['versions']['transformers']}",
     ]
@@ -543,5 +532,6 @@ def text_report(result: dict[str, Any]) -> str:
             f" MB{metric['median_ratio']:>8.2f}",
             "(medians; ratio = median of per-pair LoRA/full ratios)",
         ]
+    lines += rlhf.text_report(result)
     lines.append(f"\nTotal wall time {result['wall_s'] / 60:.1f} min")
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.stats import (
@@ -168,3 +170,71 @@ def test_worker_settings_are_valid_dpo_stage_options():
     config = load_config(dpo.DpoStageConfig, None, alignpipe_overrides(full, "/models/big"))
     assert config.peft.method == "none"
     assert (config.training.max_steps, config.training.batch_size, config.max_length) == (3, 2, 64)
+
+
+def test_ppo_and_dpo_settings_are_one_pass_of_valid_stage_options():
+    from alignpipe import dpo, ppo
+    from alignpipe.config import load_config
+    from bench.rlhf import Fixtures, stage_configs
+
+    # 2180 pairs in batches of 64 -> 35 steps; 520 prompts in rollouts of 64 -> 9 iterations
+    fixtures = Fixtures(
+        Path("/pairs"),
+        Path("/sft"),
+        Path("/rm"),
+        Path("/wide"),
+        train_pairs=2180,
+        train_prompts=520,
+    )
+    configs = stage_configs(fixtures, threads=1)
+    dpo_config = load_config(dpo.DpoStageConfig, None, configs["dpo"])
+    ppo_config = load_config(ppo.PpoStageConfig, None, configs["ppo"])
+    assert (dpo_config.training.max_steps, dpo_config.training.batch_size) == (35, 64)
+    assert (ppo_config.training.max_steps, ppo_config.rollout_batch_size) == (9, 64)
+    assert dpo_config.model == ppo_config.model == "/sft"
+    assert (ppo_config.reward, ppo_config.reward_model) == ("reward_model", "/rm")
+    # nothing ends a pass early or interrupts it with a checkpoint
+    assert ppo_config.max_kl_to_reference is None
+    assert ppo_config.training.save_steps > 9 and dpo_config.training.save_steps > 35
+    assert dpo_config.training.num_threads == ppo_config.training.num_threads == 1
+
+
+def test_rlhf_tables_come_from_the_result():
+    from bench.rlhf import markdown_lines, text_report
+
+    def pair(a: str, b: str, x: float, y: float, ratio: float) -> dict:
+        return {a: {"median": x}, b: {"median": y}, "ratios": [ratio] * 3, "median_ratio": ratio}
+
+    result = {
+        "ppo_vs_dpo": {
+            "data": {"train_pairs": 2180, "train_prompts": 520},
+            "metrics": {
+                "train_s_per_pass": pair("ppo", "dpo", 4.0, 10.0, 0.4),
+                "process_s": pair("ppo", "dpo", 12.0, 24.0, 0.5),
+            },
+        },
+        "generation": {
+            "settings": {"batch_size": 16, "max_new_tokens": 64},
+            "models": {
+                "wide random": {
+                    "parameters": 4_348_672,
+                    "prompts": 32,
+                    "metrics": {"tokens_per_s": pair("cache", "no_cache", 560, 56, 10.0)},
+                }
+            },
+        },
+    }
+    assert markdown_lines(result) == [
+        "",
+        "| one pass over 2180 pairs / 520 prompts, 3 pairs | PPO | DPO | ratio |",
+        "|---|---|---|---|",
+        "| training time | 4.00 s | 10.00 s | 0.40 |",
+        "| whole process | 12.00 s | 24.00 s | 0.50 |",
+        "",
+        "| generated tokens/s | KV cache | no cache | ratio |",
+        "|---|---|---|---|",
+        "| wide random model (4.3M parameters, 32 prompts) | 560 | 56 | 10.00 |",
+    ]
+    text = "\n".join(text_report(result))
+    assert "train time per pass             4.00 s     10.00 s    0.40" in text
+    assert "wide random, 32 prompts            560          56   10.00" in text
