@@ -16,6 +16,8 @@ def dpo(
     config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
+    checkpoint_root: Optional[str] = None,
+    kfp_run_id: Optional[str] = None,
 ):
     """Align the SFT model on preference pairs with DPO.
 
@@ -33,14 +35,24 @@ def dpo(
             ``{"beta": 0.1, "loss_type": "ipo"}``.
         tracking_uri: MLflow tracking URI; unset = ``$MLFLOW_TRACKING_URI``.
         parent_run_id: MLflow parent run of this pipeline run.
+        checkpoint_root: Also keep checkpoints under ``CHECKPOINT_ROOT/KFP_RUN_ID/dpo`` (an
+            ``s3://`` prefix), so that a retried task, whose output starts empty, resumes from
+            the newest of them; unset = checkpoints in the output only.
+        kfp_run_id: The KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); needed with
+            ``checkpoint_root``, and kept by a retry.
     """
     from alignpipe.runner import run_stage
+    from alignpipe.training import run_checkpoint_uri
 
+    overrides = {**(config or {}), "model": sft_model.path}
+    if checkpoint_root:
+        uri = run_checkpoint_uri(checkpoint_root, kfp_run_id, "dpo")
+        overrides["training.checkpoint_uri"] = uri
     result = run_stage(
         "dpo",
         data.path,
         model.path,
-        overrides={**(config or {}), "model": sft_model.path},
+        overrides=overrides,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
     )

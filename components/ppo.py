@@ -17,6 +17,8 @@ def ppo(
     config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
+    checkpoint_root: Optional[str] = None,
+    kfp_run_id: Optional[str] = None,
 ):
     """Optimise the SFT model against the reward model with PPO and a KL penalty.
 
@@ -35,10 +37,19 @@ def ppo(
         config: Options of ``alignpipe.ppo.PpoStageConfig`` (``alignpipe options ppo``).
         tracking_uri: MLflow tracking URI; unset = ``$MLFLOW_TRACKING_URI``.
         parent_run_id: MLflow parent run of this pipeline run.
+        checkpoint_root: Also keep checkpoints under ``CHECKPOINT_ROOT/KFP_RUN_ID/ppo`` (an
+            ``s3://`` prefix), so that a retried task, whose output starts empty, resumes from
+            the newest of them; unset = checkpoints in the output only.
+        kfp_run_id: The KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); needed with
+            ``checkpoint_root``, and kept by a retry.
     """
     from alignpipe.runner import run_stage
+    from alignpipe.training import run_checkpoint_uri
 
     overrides = {"model": sft_model.path, "reward_model": reward_model.path}
+    if checkpoint_root:
+        uri = run_checkpoint_uri(checkpoint_root, kfp_run_id, "ppo")
+        overrides["training.checkpoint_uri"] = uri
     result = run_stage(
         "ppo",
         data.path,

@@ -16,6 +16,8 @@ def reward_model(
     config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
+    checkpoint_root: Optional[str] = None,
+    kfp_run_id: Optional[str] = None,
 ):
     """Train a reward model on preference pairs: a scalar head on the SFT model.
 
@@ -33,14 +35,24 @@ def reward_model(
             (``alignpipe options reward-model``).
         tracking_uri: MLflow tracking URI; unset = ``$MLFLOW_TRACKING_URI``.
         parent_run_id: MLflow parent run of this pipeline run.
+        checkpoint_root: Also keep checkpoints under ``CHECKPOINT_ROOT/KFP_RUN_ID/reward_model`` (an
+            ``s3://`` prefix), so that a retried task, whose output starts empty, resumes from
+            the newest of them; unset = checkpoints in the output only.
+        kfp_run_id: The KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); needed with
+            ``checkpoint_root``, and kept by a retry.
     """
     from alignpipe.runner import run_stage
+    from alignpipe.training import run_checkpoint_uri
 
+    overrides = {**(config or {}), "model": sft_model.path}
+    if checkpoint_root:
+        uri = run_checkpoint_uri(checkpoint_root, kfp_run_id, "reward_model")
+        overrides["training.checkpoint_uri"] = uri
     result = run_stage(
         "reward_model",
         data.path,
         model.path,
-        overrides={**(config or {}), "model": sft_model.path},
+        overrides=overrides,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
     )

@@ -16,6 +16,8 @@ def sft(
     config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
+    checkpoint_root: Optional[str] = None,
+    kfp_run_id: Optional[str] = None,
 ):
     """Fine-tune the base model on conversations, with loss on the assistant turns only.
 
@@ -32,15 +34,25 @@ def sft(
             ``{"training": {"max_steps": 500}, "peft": {"lora": {"r": 16}}}``.
         tracking_uri: MLflow tracking URI; unset = ``$MLFLOW_TRACKING_URI``.
         parent_run_id: MLflow parent run of this pipeline run.
+        checkpoint_root: Also keep checkpoints under ``CHECKPOINT_ROOT/KFP_RUN_ID/sft`` (an
+            ``s3://`` prefix), so that a retried task, whose output starts empty, resumes from
+            the newest of them; unset = checkpoints in the output only.
+        kfp_run_id: The KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); needed with
+            ``checkpoint_root``, and kept by a retry.
     """
     from alignpipe.runner import run_stage
+    from alignpipe.training import run_checkpoint_uri
 
     start = base_model.metadata.get("reference") or base_model.path
+    overrides = {**(config or {}), "model": start}
+    if checkpoint_root:
+        uri = run_checkpoint_uri(checkpoint_root, kfp_run_id, "sft")
+        overrides["training.checkpoint_uri"] = uri
     result = run_stage(
         "sft",
         data.path,
         model.path,
-        overrides={**(config or {}), "model": start},
+        overrides=overrides,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
     )

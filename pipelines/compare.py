@@ -33,10 +33,13 @@ def compare_pipeline(
     ppo_config: Optional[dict] = None,
     eval_config: Optional[dict] = None,
     tiny_options: Optional[dict] = None,
+    checkpoint_root: Optional[str] = None,
     accelerator_type: str = resources.ACCELERATOR_TYPE,
     accelerator_count: int = resources.ACCELERATOR_COUNT,
     train_cpu: str = resources.TRAIN_CPU,
     train_memory: str = resources.TRAIN_MEMORY,
+    s3_secret: str = resources.S3_SECRET,
+    mlflow_secret: str = resources.MLFLOW_SECRET,
 ):
     """Measure DPO against RLHF (reward model + PPO) on the same data and SFT model."""
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -45,7 +48,9 @@ def compare_pipeline(
     ).set_display_name("start tracking")
     closer = end_tracking(kfp_run_id=run_id, tracking_uri=tracking_uri)
     parent = opened.output
-    hardware = resources.hardware(accelerator_type, accelerator_count, train_cpu, train_memory)
+    settings = resources.hardware(
+        accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret
+    )
     with dsl.ExitHandler(closer.set_display_name("end tracking"), name="tracked"):
         data = data_stage(
             sft_inputs=sft_inputs,
@@ -54,6 +59,7 @@ def compare_pipeline(
             prep_config=prep_config,
             ingest_config=ingest_config,
             tracking_uri=tracking_uri,
+            **settings,
         ).set_display_name("data")
         conversations, pairs = data.outputs["conversations"], data.outputs["pairs"]
         tuned = sft_stage(
@@ -62,8 +68,9 @@ def compare_pipeline(
             base_model_ref=base_model_ref,
             sft_config=sft_config,
             tiny_options=tiny_options,
+            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
-            **hardware,
+            **settings,
         ).set_display_name("SFT")
 
         # the two branches
@@ -73,16 +80,18 @@ def compare_pipeline(
             config=dpo_config,
             tracking_uri=tracking_uri,
             parent_run_id=parent,
+            checkpoint_root=checkpoint_root,
+            kfp_run_id=run_id,
         ).set_display_name("DPO")
-        resources.on_gpu(direct, **hardware)
         rlhf = rlhf_stage(
             pairs=pairs,
             sft_model=tuned.output,
             parent_run_id=parent,
             reward_model_config=reward_model_config,
             ppo_config=ppo_config,
+            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
-            **hardware,
+            **settings,
         ).set_display_name("reward model and PPO")
 
         # both against SFT, on the same prompts and scorers
@@ -101,7 +110,6 @@ def compare_pipeline(
                 parent_run_id=parent,
                 headline_to_parent=False,
             ).set_display_name(f"evaluate {name.upper()}")
-            resources.on_gpu(evaluations[name], **hardware)
         compare_report(
             dpo_evaluation=evaluations["dpo"].outputs["metrics"],
             ppo_evaluation=evaluations["ppo"].outputs["metrics"],
@@ -111,3 +119,4 @@ def compare_pipeline(
             tracking_uri=tracking_uri,
             parent_run_id=parent,
         ).set_display_name("comparison report")
+    resources.configure(**settings)

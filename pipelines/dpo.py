@@ -29,11 +29,14 @@ def dpo_pipeline(
     dpo_config: Optional[dict] = None,
     eval_config: Optional[dict] = None,
     tiny_options: Optional[dict] = None,
+    checkpoint_root: Optional[str] = None,
     gate_metric: str = "gold_reward_delta",
     accelerator_type: str = resources.ACCELERATOR_TYPE,
     accelerator_count: int = resources.ACCELERATOR_COUNT,
     train_cpu: str = resources.TRAIN_CPU,
     train_memory: str = resources.TRAIN_MEMORY,
+    s3_secret: str = resources.S3_SECRET,
+    mlflow_secret: str = resources.MLFLOW_SECRET,
 ):
     """Align a base model with DPO and register it when it beats its SFT starting point."""
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -42,7 +45,9 @@ def dpo_pipeline(
     ).set_display_name("start tracking")
     closer = end_tracking(kfp_run_id=run_id, tracking_uri=tracking_uri)
     parent = opened.output
-    hardware = resources.hardware(accelerator_type, accelerator_count, train_cpu, train_memory)
+    settings = resources.hardware(
+        accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret
+    )
     with dsl.ExitHandler(closer.set_display_name("end tracking"), name="tracked"):
         data = data_stage(
             sft_inputs=sft_inputs,
@@ -51,6 +56,7 @@ def dpo_pipeline(
             prep_config=prep_config,
             ingest_config=ingest_config,
             tracking_uri=tracking_uri,
+            **settings,
         ).set_display_name("data")
         tuned = sft_stage(
             conversations=data.outputs["conversations"],
@@ -58,8 +64,9 @@ def dpo_pipeline(
             base_model_ref=base_model_ref,
             sft_config=sft_config,
             tiny_options=tiny_options,
+            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
-            **hardware,
+            **settings,
         ).set_display_name("SFT")
         aligned = dpo(
             data=data.outputs["pairs"],
@@ -67,8 +74,9 @@ def dpo_pipeline(
             config=dpo_config,
             tracking_uri=tracking_uri,
             parent_run_id=parent,
+            checkpoint_root=checkpoint_root,
+            kfp_run_id=run_id,
         ).set_display_name("DPO")
-        resources.on_gpu(aligned, **hardware)
         gate_stage(
             policy=aligned.outputs["model"],
             reference=tuned.output,
@@ -79,5 +87,6 @@ def dpo_pipeline(
             gate_metric=gate_metric,
             eval_config=eval_config,
             tracking_uri=tracking_uri,
-            **hardware,
+            **settings,
         ).set_display_name("gate")
+    resources.configure(**settings)

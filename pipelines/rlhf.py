@@ -28,11 +28,14 @@ def rlhf_pipeline(
     ppo_config: Optional[dict] = None,
     eval_config: Optional[dict] = None,
     tiny_options: Optional[dict] = None,
+    checkpoint_root: Optional[str] = None,
     gate_metric: str = "gold_reward_delta",
     accelerator_type: str = resources.ACCELERATOR_TYPE,
     accelerator_count: int = resources.ACCELERATOR_COUNT,
     train_cpu: str = resources.TRAIN_CPU,
     train_memory: str = resources.TRAIN_MEMORY,
+    s3_secret: str = resources.S3_SECRET,
+    mlflow_secret: str = resources.MLFLOW_SECRET,
 ):
     """Align a base model with a reward model and PPO; register it when it beats SFT."""
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -41,7 +44,9 @@ def rlhf_pipeline(
     ).set_display_name("start tracking")
     closer = end_tracking(kfp_run_id=run_id, tracking_uri=tracking_uri)
     parent = opened.output
-    hardware = resources.hardware(accelerator_type, accelerator_count, train_cpu, train_memory)
+    settings = resources.hardware(
+        accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret
+    )
     with dsl.ExitHandler(closer.set_display_name("end tracking"), name="tracked"):
         data = data_stage(
             sft_inputs=sft_inputs,
@@ -50,6 +55,7 @@ def rlhf_pipeline(
             prep_config=prep_config,
             ingest_config=ingest_config,
             tracking_uri=tracking_uri,
+            **settings,
         ).set_display_name("data")
         tuned = sft_stage(
             conversations=data.outputs["conversations"],
@@ -57,8 +63,9 @@ def rlhf_pipeline(
             base_model_ref=base_model_ref,
             sft_config=sft_config,
             tiny_options=tiny_options,
+            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
-            **hardware,
+            **settings,
         ).set_display_name("SFT")
         aligned = rlhf_stage(
             pairs=data.outputs["pairs"],
@@ -66,8 +73,9 @@ def rlhf_pipeline(
             parent_run_id=parent,
             reward_model_config=reward_model_config,
             ppo_config=ppo_config,
+            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
-            **hardware,
+            **settings,
         ).set_display_name("reward model and PPO")
         gate_stage(
             policy=aligned.outputs["policy"],
@@ -79,5 +87,6 @@ def rlhf_pipeline(
             gate_metric=gate_metric,
             eval_config=eval_config,
             tracking_uri=tracking_uri,
-            **hardware,
+            **settings,
         ).set_display_name("gate")
+    resources.configure(**settings)

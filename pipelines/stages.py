@@ -37,9 +37,15 @@ def data_stage(
     sft_inputs: list,
     preference_inputs: list,
     parent_run_id: str,
+    accelerator_type: str = resources.ACCELERATOR_TYPE,
+    accelerator_count: int = resources.ACCELERATOR_COUNT,
+    train_cpu: str = resources.TRAIN_CPU,
+    train_memory: str = resources.TRAIN_MEMORY,
     prep_config: Optional[dict] = None,
     ingest_config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
+    s3_secret: str = resources.S3_SECRET,
+    mlflow_secret: str = resources.MLFLOW_SECRET,
 ) -> DataOutputs:
     prepared = prep(
         inputs=sft_inputs,
@@ -55,6 +61,9 @@ def data_stage(
     ).set_display_name("preference ingest")
     for task in (prepared, pairs):
         task.set_caching_options(False)  # inputs may be mutable s3:// prefixes
+    resources.configure(
+        accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret
+    )
     return DataOutputs(prepared.outputs["data"], pairs.outputs["data"])
 
 
@@ -69,7 +78,10 @@ def sft_stage(
     train_memory: str,
     sft_config: Optional[dict] = None,
     tiny_options: Optional[dict] = None,
+    checkpoint_root: Optional[str] = None,
     tracking_uri: Optional[str] = None,
+    s3_secret: str = resources.S3_SECRET,
+    mlflow_secret: str = resources.MLFLOW_SECRET,
 ) -> Model:
     start = base_model(
         model_ref=base_model_ref, data=conversations, tiny_options=tiny_options
@@ -80,8 +92,12 @@ def sft_stage(
         config=sft_config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
+        checkpoint_root=checkpoint_root,
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_display_name("SFT")
-    resources.on_gpu(tuned, accelerator_type, accelerator_count, train_cpu, train_memory)
+    resources.configure(
+        accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret
+    )
     return tuned.outputs["model"]
 
 
@@ -96,7 +112,10 @@ def rlhf_stage(
     train_memory: str,
     reward_model_config: Optional[dict] = None,
     ppo_config: Optional[dict] = None,
+    checkpoint_root: Optional[str] = None,
     tracking_uri: Optional[str] = None,
+    s3_secret: str = resources.S3_SECRET,
+    mlflow_secret: str = resources.MLFLOW_SECRET,
 ) -> RlhfOutputs:
     scorer = reward_model(
         data=pairs,
@@ -104,6 +123,8 @@ def rlhf_stage(
         config=reward_model_config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
+        checkpoint_root=checkpoint_root,
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_display_name("reward model")
     policy = ppo(
         data=pairs,
@@ -112,9 +133,12 @@ def rlhf_stage(
         config=ppo_config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
+        checkpoint_root=checkpoint_root,
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_display_name("PPO")
-    for task in (scorer, policy):
-        resources.on_gpu(task, accelerator_type, accelerator_count, train_cpu, train_memory)
+    resources.configure(
+        accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret
+    )
     return RlhfOutputs(
         scorer.outputs["model"],
         policy.outputs["model"],
@@ -138,6 +162,8 @@ def gate_stage(
     train_memory: str,
     eval_config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
+    s3_secret: str = resources.S3_SECRET,
+    mlflow_secret: str = resources.MLFLOW_SECRET,
 ):
     evaluated = evaluate(
         policy=policy,
@@ -148,7 +174,6 @@ def gate_stage(
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
     ).set_display_name("evaluation")
-    resources.on_gpu(evaluated, accelerator_type, accelerator_count, train_cpu, train_memory)
     with dsl.If(evaluated.outputs["Output"] == True, name="gate passed"):  # noqa: E712
         register(
             model=policy,
@@ -158,3 +183,6 @@ def gate_stage(
             tracking_uri=tracking_uri,
             parent_run_id=parent_run_id,
         ).set_display_name("register")
+    resources.configure(
+        accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret
+    )

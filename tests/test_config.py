@@ -123,6 +123,8 @@ def test_parse_overrides_reads_yaml_scalars():
         ("pad_token", False),
         ("tokenizer", False),
         ("eos_token_id", False),
+        ("token_checks", False),
+        ("mlflow_tracking_token", True),
         ("keyword", False),
     ],
 )

@@ -16,6 +16,8 @@ GPU_STAGES = {
     "dpo": ("sft", "dpo", "evaluate"),
     "rlhf": ("sft", "reward-model", "ppo", "evaluate"),
     "compare": ("sft", "dpo", "reward-model", "ppo", "evaluate", "evaluate-2"),
+    "multitask": ("multitask",),
+    "contrastive": ("contrastive",),
 }
 CPU_STAGES = ("prep", "ingest", "base-model", "start-tracking", "end-tracking")
 TRACKING_AND_DATA = ("start-tracking", "end-tracking", "prep", "ingest", "base-model", "sft")
@@ -31,6 +33,16 @@ EVERY_STAGE = {
         "evaluate-2",
         "compare-report",
     ),
+    "multitask": (
+        "start-tracking",
+        "end-tracking",
+        "prep",
+        "merge-tasks",
+        "base-model",
+        "multitask",
+        "multitask-report",
+    ),
+    "contrastive": ("start-tracking", "end-tracking", "prep", "base-model", "contrastive"),
 }
 
 
@@ -46,13 +58,18 @@ def compiled(tmp_path_factory):
     return {p.stem: p.read_text() for p in paths}
 
 
+def pipeline_spec(text: str) -> dict:
+    # the file holds the pipeline spec, then the kubernetes platform spec as a second document
+    return next(yaml.safe_load_all(text))
+
+
 def test_every_pipeline_compiles(compiled):
     assert set(compiled) == set(PIPELINES)
 
 
 @pytest.mark.parametrize("name", sorted(EVERY_STAGE))
 def test_every_stage_is_in_the_graph(compiled, name):
-    spec = yaml.safe_load(compiled[name])
+    spec = pipeline_spec(compiled[name])
     executors = set(spec["deploymentSpec"]["executors"])
     for stage in EVERY_STAGE[name]:
         assert f"exec-{stage}" in executors, f"{stage} missing from {name}"
@@ -60,20 +77,20 @@ def test_every_stage_is_in_the_graph(compiled, name):
 
 @pytest.mark.parametrize("name", sorted(GPU_STAGES))
 def test_gpu_stages_request_accelerators(compiled, name):
-    executors = yaml.safe_load(compiled[name])["deploymentSpec"]["executors"]
+    executors = pipeline_spec(compiled[name])["deploymentSpec"]["executors"]
     for stage in GPU_STAGES[name]:
         resources = executors[f"exec-{stage}"]["container"]["resources"]
         assert resources["accelerator"]["resourceType"], stage
         assert resources["accelerator"]["resourceCount"], stage
         assert "resourceCpuLimit" in resources and "resourceMemoryLimit" in resources
-    for stage in CPU_STAGES:
+    for stage in set(CPU_STAGES) & set(EVERY_STAGE[name]):
         assert "accelerator" not in executors[f"exec-{stage}"]["container"].get("resources", {})
 
 
 def test_components_run_on_the_pinned_image_without_installing(compiled):
     from components import CPU_IMAGE, GPU_IMAGE
 
-    executors = yaml.safe_load(compiled["dpo"])["deploymentSpec"]["executors"]
+    executors = pipeline_spec(compiled["dpo"])["deploymentSpec"]["executors"]
     assert executors["exec-sft"]["container"]["image"] == GPU_IMAGE
     assert executors["exec-prep"]["container"]["image"] == CPU_IMAGE
     for executor in executors.values():
@@ -90,3 +107,31 @@ def test_component_docstrings_reach_the_spec(compiled):
     # KFP copies docstrings into the spec: they are the documentation users see in the UI
     assert "Fine-tune the base model on conversations" in compiled["dpo"]
     assert "Align the SFT model on preference pairs with DPO" in compiled["dpo"]
+
+
+def _training_tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the graph (sub-pipelines included) that runs a checkpointing stage."""
+    found = {}
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    for dag in dags:
+        for name, task in dag["tasks"].items():
+            component = task["componentRef"]["name"]
+            if component in ("comp-sft", "comp-dpo", "comp-reward-model", "comp-ppo"):
+                found[name] = task
+    return found
+
+
+@pytest.mark.parametrize(
+    ("name", "count"), [("dpo", 2), ("rlhf", 3), ("compare", 4)], ids=["dpo", "rlhf", "compare"]
+)
+def test_training_tasks_keep_checkpoints_under_the_run(compiled, name, count):
+    # a retried pod starts with an empty output; it resumes from CHECKPOINT_ROOT/RUN_ID/STAGE
+    spec = pipeline_spec(compiled[name])
+    assert spec["root"]["inputDefinitions"]["parameters"]["checkpoint_root"]["isOptional"]
+    tasks = _training_tasks(spec)
+    assert len(tasks) == count
+    for task_name, task in tasks.items():
+        parameters = task["inputs"]["parameters"]
+        assert "checkpoint_root" in parameters["checkpoint_root"]["componentInputParameter"]
+        run_id = parameters["kfp_run_id"]["runtimeValue"]["constant"]
+        assert run_id == "{{$.pipeline_job_uuid}}", task_name

@@ -339,6 +339,10 @@ def test_ppo_raises_the_held_out_gold_reward_within_the_kl_bound(
     assert m["reward_delta"] == pytest.approx(m["reward"] - m["reward_initial"])
     assert 0 < m["kl_to_reference"] < config.max_kl_to_reference
     assert (m["iterations"], m["stopped_at_kl_bound"], m["resumed_from_iteration"]) == (60, 0, 0)
+    # every epoch passes every rollout row, each a prompt of several tokens + up to 16 answer
+    # tokens, through the policy: the cost the comparison report adds up
+    passes = 60 * config.ppo_epochs * config.rollout_batch_size
+    assert passes * 4 < m["train_tokens"] < passes * (64 + config.max_new_tokens)
     # the training reward rose too: the last ten rollouts against the first ten
     scores = [v for k, v, _ in tracker.metrics if k == "score"]
     assert len(scores) == 60 and sum(scores[-10:]) > sum(scores[:10]) + 1.0

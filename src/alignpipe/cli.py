@@ -120,6 +120,16 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
+def _launch(config: Any, args: argparse.Namespace, inputs: list[str]) -> str:
+    from alignpipe import launch
+
+    stage, *data = inputs
+    try:
+        return launch.summary(launch.launch(stage, data, args.output, config))
+    except NotImplementedError as err:  # a stage that cannot run on several processes
+        raise ConfigError(str(err)) from None
+
+
 COMMANDS = (
     Command("prep", "normalize instruction/chat/pair data into train/eval splits",
             "prep:PrepConfig", _stage("prep")),
@@ -135,10 +145,17 @@ COMMANDS = (
             "ppo:PpoStageConfig", _stage("ppo")),
     Command("evaluate", "compare a policy with its reference; report and gate decision",
             "evaluate:EvalStageConfig", _stage("evaluate")),
+    Command("multitask", "SFT on a weighted mixture of tasks, eval loss per task (TRL SFTTrainer)",
+            "multitask:MultitaskStageConfig", _stage("multitask")),
+    Command("contrastive", "train a text encoder on pairs: in-batch negatives or a similarity loss",
+            "contrastive:ContrastiveStageConfig", _stage("contrastive")),
     Command("synth", "write the built-in synthetic task (SFT data, prompts, annotator votes)",
             "synthetic:SyntheticTaskOptions", _synth, takes_inputs=False, tracked=False),
     Command("tiny-model", "build a tiny causal LM and tokenizer from a text corpus",
             "models:TinyModelOptions", _tiny_model, tracked=False),
+    Command("launch", "run a training stage on several GPUs: torchrun here, or a Kubeflow "
+            "Trainer job across nodes (alignpipe launch STAGE INPUT... --nodes N)",
+            "launch:LaunchOptions", _launch, tracked=False),
 )  # fmt: skip
 
 
@@ -170,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="FIELD=COLUMN",
                 help="read FIELD of the layout from COLUMN of the input (repeatable)",
             )
+        if cmd.name == "launch":
+            p.add_argument("--nodes", type=int, help="nodes to train on (option nodes)")
+            p.add_argument("--gpus-per-node", type=int, help="accelerators (processes) per node")
+            p.add_argument("--dry-run", action="store_true", help="print the job manifest only")
         if cmd.tracked:
             p.add_argument(
                 "--tracking-uri",
@@ -222,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra["format"] = args.format
         if getattr(args, "map", None):
             extra["mapping"] = dict(_field_column(m) for m in args.map)
+        for name in ("nodes", "gpus_per_node", "dry_run"):
+            if getattr(args, name, None) not in (None, False):
+                extra[name] = getattr(args, name)
         config = load_config(cmd.config_class(), args.config, [*_dotted(extra), *overrides])
         print(cmd.handler(config, args, inputs))
         return EXIT_OK

@@ -26,7 +26,8 @@ C = TypeVar("C")
 # Words that make a field name a credential; its value is never logged or printed.
 SECRET_WORDS = frozenset({"password", "passwd", "secret", "credential", "credentials", "apikey"})
 SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key")})
-# "token" is a secret (hf_token, auth_token) unless it names a vocabulary entry (pad_token).
+# "token" ending a name is a secret (hf_token, auth.token) unless it names a vocabulary entry
+# (pad_token); elsewhere it describes tokens (token_checks, eos_token_id).
 VOCAB_TOKENS = frozenset({"pad", "bos", "eos", "unk", "sep", "cls", "mask", "special", "chat"})
 
 
@@ -35,7 +36,7 @@ def is_secret_key(key: str) -> bool:
     words = re.split(r"[._\-\s]+", key.lower())
     if SECRET_WORDS.intersection(words) or SECRET_PAIRS.intersection(itertools.pairwise(words)):
         return True
-    return "token" in words and not VOCAB_TOKENS.intersection(words)
+    return words[-1] == "token" and not VOCAB_TOKENS.intersection(words)
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:

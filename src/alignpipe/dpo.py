@@ -25,10 +25,11 @@ from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
     base_ref,
+    checkpoint_callbacks,
     checkpoint_step,
-    last_checkpoint,
     local_output,
     quiet_printing,
+    resume_checkpoint,
     tracker_callback,
     trainer_arguments,
 )
@@ -166,7 +167,7 @@ def run(
     trainer = build_trainer(config, policy, tokenizer, train_set, eval_set, out, tracker)
 
     # score the held-out pairs before training: the baseline the stage must beat
-    resume = last_checkpoint(out)
+    resume = resume_checkpoint(out, config.training)
     initial = _held_out(trainer)
     log.info("dpo: training %d steps (%s loss)", config.training.max_steps, config.loss_type)
     started = time.monotonic()
@@ -254,6 +255,14 @@ def load_policy(config: DpoStageConfig) -> tuple[Any, Any]:
         path, dtype=config.dtype, trust_remote_code=config.trust_remote_code
     )
     if isinstance(policy, PeftModel):
+        if policy.peft_config["default"].is_prompt_learning:
+            # the reference must be the SFT model itself, and a soft prompt cannot be folded
+            # into the weights the way a LoRA update can
+            raise ConfigError(
+                f"the starting model {config.model} is a prompt-tuning adapter, which cannot be "
+                "merged into a reference model; start dpo from an sft model trained with "
+                "peft.method=lora or none (prompt tuning in dpo itself works)"
+            )
         if config.save_adapter_only or not hasattr(policy, "merge_and_unload"):
             raise ConfigError(
                 f"the starting model {config.model} is an adapter; save the sft model merged "
@@ -313,7 +322,10 @@ def build_trainer(
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=models.peft_config(policy, config.peft),
-        callbacks=[tracker_callback(tracker or NullTracker())],
+        callbacks=[
+            tracker_callback(tracker or NullTracker()),
+            *checkpoint_callbacks(config.training),
+        ],
     )
     return quiet_printing(trainer)
 

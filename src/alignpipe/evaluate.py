@@ -13,6 +13,7 @@ import html
 import json
 import logging
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,17 @@ def register_scorer(name: str, factory: Callable[[EvalStageConfig], Scorer]) -> 
     SCORERS[name] = factory
 
 
-def metric_names(scorers: Sequence[str], with_perplexity: bool) -> list[str]:
+def metric_names(
+    scorers: Sequence[str], with_perplexity: bool, with_few_shot: bool = False
+) -> list[str]:
     """The metrics a run with these scorers computes (``passed`` aside), in report order."""
     names = []
     for scorer in scorers:
         names += [f"{scorer}_reward_{side}" for side in ("policy", "reference", "delta")]
         names.append(f"{scorer}_win_rate")
+        if with_few_shot:
+            names += [f"{scorer}_reward_{side}" for side in ("base", "few_shot")]
+            names.append(f"{scorer}_gain_over_few_shot")
     names += [KL_METRIC, "response_tokens_policy_mean", "response_tokens_reference_mean"]
     names.append("preference_accuracy")
     if with_perplexity:
@@ -148,6 +154,18 @@ class EvalStageConfig:
     max_kl: float | None = option(
         None, help="The gate fails when kl_policy_reference exceeds this; unset = no KL limit."
     )
+    few_shot: int = option(
+        0,
+        help="Also score the base model prompted with this many example conversations drawn "
+        "from sft_data's train split, so the report shows what fine-tuning bought over "
+        "prompting; 0 = no few-shot baseline.",
+    )
+    few_shot_seed: int = option(0, help="Seed of the draw of few-shot examples for each prompt.")
+    base_model: str | None = option(
+        None,
+        help="The model the few-shot baseline prompts (the model fine-tuning started from); "
+        "unset = the reference.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("policy", "reference"):
@@ -188,7 +206,16 @@ class EvalStageConfig:
             )
         if self.max_kl is not None and self.max_kl < 0:
             raise ConfigError(f"max_kl must be >= 0 (or unset), got {self.max_kl}")
-        available = metric_names(self.scorers, self.sft_data is not None)
+        if isinstance(self.few_shot, bool) or not isinstance(self.few_shot, int):
+            raise ConfigError(f"few_shot must be a whole number, got {self.few_shot!r}")
+        if self.few_shot < 0:
+            raise ConfigError(f"few_shot must be >= 0 (0 = off), got {self.few_shot}")
+        if self.few_shot and self.sft_data is None:
+            raise ConfigError(
+                "few_shot > 0 draws its examples from the SFT conversations; set sft_data=<a "
+                "prep output folder>, or few_shot=0"
+            )
+        available = metric_names(self.scorers, self.sft_data is not None, self.few_shot > 0)
         if self.gate_metric not in available:
             raise ConfigError(
                 f"unknown gate_metric {self.gate_metric!r}; available: {', '.join(available)}"
@@ -263,6 +290,9 @@ def run(
     metrics["preference_accuracy"] = preference_accuracy(chosen, rejected)
     if conversations is not None:
         metrics.update(_perplexities(policy, reference, tokenizer, conversations, config))
+    if config.few_shot:
+        baseline = few_shot_baseline(config, tokenizer, reference, prompts, reference_gen, scorers)
+        metrics.update(_with_few_shot(metrics, baseline, samples, config.scorers))
     log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
 
     # gate
@@ -367,12 +397,15 @@ def generate_responses(
     prompts: Sequence[Messages],
     config: EvalStageConfig,
     top_k: int = 0,
+    use_cache: bool = True,
 ) -> Generation:
     """Answer each prompt, in batches, left-padded, with the KV cache, from ``config.seed``.
 
     ``config`` may be any object with the sampling fields of :class:`EvalStageConfig`
     (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``seed``, ``batch_size``);
-    ``top_k`` keeps only the k likeliest tokens when sampling (0 = off).
+    ``top_k`` keeps only the k likeliest tokens when sampling (0 = off). ``use_cache=False``
+    recomputes the whole sequence at every new token; it exists so that ``make bench`` can
+    measure what the cache buys.
 
     Returns:
         The prompt ids, each response's ids up to and including the first end-of-turn token
@@ -387,7 +420,7 @@ def generate_responses(
     generation_config = GenerationConfig(
         max_new_tokens=config.max_new_tokens,
         do_sample=config.do_sample,
-        use_cache=True,
+        use_cache=use_cache,
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
         **(sampling if config.do_sample else {}),
@@ -489,8 +522,11 @@ def completion_logprobs(
                 mask[row, : len(tokens)] = 1
                 scored[row, len(prompt) : len(tokens)] = True
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+            # a prompt-tuned model puts its virtual tokens in front: keep the last `width`
+            # positions, those of the sequence itself
+            logits = logits.logits[:, -width:]
             # logits at position t predict token t + 1: (batch, width - 1, vocab)
-            logprobs = torch.log_softmax(logits.logits[:, :-1].float() / temperature, dim=-1)
+            logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
             targets = ids[:, 1:].to(logprobs.device)
             picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             picked = picked.double() * scored[:, 1:].to(picked.device)
@@ -569,6 +605,97 @@ def _perplexities(
     return result
 
 
+# -- few-shot baseline ---------------------------------------------------------------------------
+
+
+def few_shot_prompts(
+    examples: Sequence[Messages], prompts: Sequence[Messages], k: int, seed: int
+) -> list[Messages]:
+    """Each prompt preceded by ``k`` example conversations, drawn without repeats per prompt.
+
+    The draws come from one ``random.Random(seed)`` in prompt order, so a seed repeats them.
+
+    Raises:
+        DataError: There are fewer than ``k`` examples.
+    """
+    if len(examples) < k:
+        raise DataError(f"few_shot={k} needs at least {k} SFT conversations, got {len(examples)}")
+    rng = random.Random(seed)
+    shots = []
+    for prompt in prompts:
+        drawn = rng.sample(range(len(examples)), k)
+        shots.append([dict(m) for i in drawn for m in examples[i]] + [dict(m) for m in prompt])
+    return shots
+
+
+def few_shot_baseline(
+    config: EvalStageConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    reference: PreTrainedModel,
+    prompts: list[Messages],
+    reference_gen: Generation,
+    scorers: Mapping[str, Scorer],
+) -> dict[str, tuple[Generation, dict[str, list[float]]]]:
+    """The base model's answers and scores, plain (``base``) and with examples (``few_shot``).
+
+    The examples are SFT conversations from ``config.sft_data``'s train split; the answers are
+    scored against the plain prompts, as the policy's are.
+    """
+    if config.base_model is None:
+        base, plain = reference, reference_gen
+    else:
+        base = _load_base(config, tokenizer)
+        plain = generate_responses(base, tokenizer, prompts, config)
+    examples = [r["messages"] for r in _read_split(config.sft_data, "train")]
+    shots = few_shot_prompts(examples, prompts, config.few_shot, config.few_shot_seed)
+    log.info("few-shot baseline: %d examples in front of each prompt", config.few_shot)
+    prompted = generate_responses(base, tokenizer, shots, config)
+    return {
+        side: (gen, {name: scorer.score(prompts, gen.texts) for name, scorer in scorers.items()})
+        for side, gen in (("base", plain), ("few_shot", prompted))
+    }
+
+
+def _with_few_shot(
+    metrics: Mapping[str, float],
+    baseline: Mapping[str, tuple[Generation, dict[str, list[float]]]],
+    samples: list[dict[str, Any]],
+    scorer_names: Sequence[str],
+) -> dict[str, float]:
+    """Mean reward of each baseline, the policy's gain over few-shot; answers into the samples."""
+    extra: dict[str, float] = {}
+    for side, (gen, scores) in baseline.items():
+        for name in scorer_names:
+            extra[f"{name}_reward_{side}"] = sum(scores[name]) / len(scores[name])
+            for sample, score in zip(samples, scores[name], strict=True):
+                sample["scores"][name][side] = score
+        for sample, text in zip(samples, gen.texts, strict=True):
+            sample[side] = text
+    extra["response_tokens_few_shot_mean"] = sum(map(len, baseline["few_shot"][0].response_ids)) / (
+        len(samples)
+    )
+    for name in scorer_names:
+        gain = metrics[f"{name}_reward_policy"] - extra[f"{name}_reward_few_shot"]
+        extra[f"{name}_gain_over_few_shot"] = gain
+    return extra
+
+
+def _load_base(config: EvalStageConfig, tokenizer: Any) -> Any:
+    """The few-shot baseline's model, checked to share the policy's tokenizer."""
+    import torch
+
+    from alignpipe import models
+
+    path = models.resolve_model(config.base_model)
+    if models.load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            "base_model has another tokenizer than the policy; give the model the policy was "
+            "fine-tuned from"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return models.load_causal_lm(path).to(device).eval()
+
+
 # -- scoring and comparing -----------------------------------------------------------------------
 
 
@@ -614,6 +741,18 @@ def _compare(
 
 
 # -- loading -------------------------------------------------------------------------------------
+
+
+def _read_split(folder: str, split: str) -> list[dict]:
+    """One split of a prep output folder (the few-shot examples come from ``train``)."""
+    import pyarrow.parquet as pq
+
+    uri = f"{folder.rstrip('/')}/{split}.parquet"
+    with storage.local_path(uri) as path:
+        records = pq.read_table(path).to_pylist()
+    if not records or "messages" not in records[0]:
+        raise DataError(f"{uri} holds no conversations; pass a prep output folder as sft_data")
+    return records
 
 
 def _read_eval(folder: str, shape: str, limit: int | None, tracker: Tracker) -> list[dict]:
@@ -736,6 +875,13 @@ def _report_blocks(
             suffix = "_mean" if key == "response_tokens" else ""
             ours, theirs = metrics[f"{key}_policy{suffix}"], metrics[f"{key}_reference{suffix}"]
             headline.append([label, _num(ours), _num(theirs), _num(ours - theirs)])
+    prompting = []
+    if config.few_shot:
+        k = config.few_shot
+        prompting = [["scorer", "base", f"base, {k}-shot", "fine-tuned", "fine-tuned − few-shot"]]
+        for name in config.scorers:
+            row = [metrics[f"{name}_reward_{side}"] for side in ("base", "few_shot", "policy")]
+            prompting.append([name, *map(_num, row), _num(metrics[f"{name}_gain_over_few_shot"])])
     first = config.scorers[0]
     shown = [["prompt", "policy", "reference", f"{first} policy", f"{first} reference"]]
     for s in samples[:5]:
@@ -760,12 +906,30 @@ def _report_blocks(
         _Block("list", items=reasons),
         _Block("h2", "Headline"),
         _Block("table", rows=headline),
+        *_prompting_blocks(config, prompting),
         _Block("h2", "All metrics"),
         _Block("table", rows=[["metric", "value"]] + [[k, _num(v)] for k, v in metrics.items()]),
         _Block("h2", "Reward per prompt"),
         _Block("image", text=f"{first} reward histogram", items=[image]),
         _Block("h2", "Sample responses"),
         _Block("table", rows=shown),
+    ]
+
+
+def _prompting_blocks(config: EvalStageConfig, rows: list[list[str]]) -> list[_Block]:
+    """The few-shot comparison: mean reward of base, base with examples, and the policy."""
+    if not rows:
+        return []
+    base = config.base_model or config.reference
+    note = (
+        f"Mean reward per scorer. base = `{base}` answering the plain prompt; few-shot = the "
+        f"same model with {config.few_shot} training conversations in front (seed "
+        f"{config.few_shot_seed}); fine-tuned = `{config.policy}`."
+    )
+    return [
+        _Block("h2", "Fine-tuning vs prompting"),
+        _Block("list", items=[note]),
+        _Block("table", rows=rows),
     ]
 
 

@@ -238,7 +238,9 @@ def _check_model_folder(path: Path, ref: str) -> Path:
     if not path.is_dir():
         raise ModelError(f"model reference {path} is a file; give the folder that holds it")
     nested = path / STAGE_MODEL_DIR
-    if not (path / "config.json").is_file() and (nested / "config.json").is_file():
+    # a stage's output folder holds its model under model/: full weights, or an adapter alone
+    # (save_adapter_only; always so for prompt tuning)
+    if not _holds_model(path) and _holds_model(nested):
         path = nested
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ModelError(
@@ -246,6 +248,10 @@ def _check_model_folder(path: Path, ref: str) -> Path:
             "save_pretrained (or alignpipe's save_model)"
         )
     return path
+
+
+def _holds_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
 
 
 def _fetch_s3_model(uri: str, cache_dir: Path | None) -> Path:

@@ -33,10 +33,13 @@ from alignpipe.models import PeftOptions
 from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
 from alignpipe.training import (
     CHECKPOINT_DIR,
+    CheckpointStore,
     ModelStageOptions,
     TrainingOptions,
     TrainResult,
+    checkpoint_store,
     resolve_precision,
+    resume_checkpoint,
 )
 
 if TYPE_CHECKING:
@@ -277,8 +280,8 @@ def run(
     initial = held_out(config, learner, tokenizer, eval_prompts, scorer, reference=True)
     log.info("ppo: the reference scores %.4f on held-out prompts", initial["reward"])
 
-    # resume from the newest complete checkpoint, RNG states included
-    resume = latest_checkpoint(out)
+    # resume from the newest complete checkpoint (local, else stored), RNG states included
+    resume = resume_checkpoint(out, config.training, latest_checkpoint)
     if resume is not None:
         restore_checkpoint(learner, resume)
         tracker.set_tags({"alignpipe.resumed_from": resume})
@@ -437,6 +440,8 @@ class Learner:
     device: torch.device
     bf16: bool = False
     iteration: int = 0
+    # non-padding prompt + response tokens through PPO steps in this process (DPO's measure)
+    train_tokens: int = 0
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trained parameters: the adapter (or every policy weight) and the critic's."""
@@ -810,6 +815,7 @@ def ppo_update(config: PpoStageConfig, learner: Learner, rollout: Rollout) -> di
     stats["ppo_steps"] = float(steps)
     stats["train_tokens_per_s"] = tokens / max(time.monotonic() - started, 1e-9)
     stats["learning_rate"] = learner.scheduler.get_last_lr()[0]
+    learner.train_tokens += tokens
     return stats
 
 
@@ -884,6 +890,7 @@ def train(
         True when the KL bound ended training.
     """
     options = config.training
+    store = checkpoint_store(options)
     bound = config.max_kl_to_reference
     within_bound: tuple[int, dict[str, torch.Tensor]] | None = None
     while learner.iteration < options.max_steps:
@@ -919,7 +926,7 @@ def train(
             shown = " ".join(f"{k}={stats[k]:.4g}" for k in _SHOWN)
             log.info("ppo: iteration %d/%d %s", iteration, options.max_steps, shown)
         if iteration % options.save_steps == 0:
-            save_checkpoint(output, learner, options.save_total_limit)
+            save_checkpoint(output, learner, options.save_total_limit, store)
     return False
 
 
@@ -1004,13 +1011,16 @@ def held_out(
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
-def save_checkpoint(output: Path, learner: Learner, keep: int) -> Path:
+def save_checkpoint(
+    output: Path, learner: Learner, keep: int, store: CheckpointStore | None = None
+) -> Path:
     """Write ``output/checkpoints/iter-N`` and keep only the newest ``keep`` checkpoints.
 
     It holds the policy's trainable weights (the adapter, or every weight under full
     fine-tuning), the critic's, the optimizer and schedule, the KL coefficient, the RNG states
     (the loop's python RNG, torch's and CUDA's) and the iteration. A marker file is written
-    last, so a checkpoint interrupted mid-save is never resumed from.
+    last, so a checkpoint interrupted mid-save is never resumed from. With a ``store``
+    (``training.checkpoint_uri``) the complete checkpoint is then copied there too.
     """
     from safetensors.torch import save_file
 
@@ -1040,6 +1050,8 @@ def save_checkpoint(output: Path, learner: Learner, keep: int) -> Path:
     log.info("ppo: checkpoint at iteration %d: %s", learner.iteration, folder)
     for old in _complete_checkpoints(output)[:-keep]:
         shutil.rmtree(old[1])
+    if store is not None:
+        store.upload(folder)
     return folder
 
 
@@ -1120,6 +1132,7 @@ def _metrics(
         "stopped_at_kl_bound": float(stopped),
         "kl_coef": learner.kl_controller.value,
         "train_seconds": seconds,
+        "train_tokens": float(learner.train_tokens),
     }
 
 

@@ -28,10 +28,11 @@ from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
     base_ref,
+    checkpoint_callbacks,
     checkpoint_step,
-    last_checkpoint,
     local_output,
     quiet_printing,
+    resume_checkpoint,
     tracker_callback,
     trainer_arguments,
 )
@@ -139,7 +140,7 @@ def run(
     trainer = build_trainer(config, model, tokenizer, train_set, eval_set, out, tracker)
 
     # score the held-out pairs before training: a random head ranks them by chance
-    resume = last_checkpoint(out)
+    resume = resume_checkpoint(out, config.training)
     initial = _held_out(trainer)
     log.info("reward_model: training %d steps", config.training.max_steps)
     started = time.monotonic()
@@ -466,7 +467,10 @@ def build_trainer(
         eval_dataset=datasets[1],
         processing_class=tokenizer,
         peft_config=models.peft_config(model, config.peft, task="SEQ_CLS"),
-        callbacks=[tracker_callback(tracker or NullTracker())],
+        callbacks=[
+            tracker_callback(tracker or NullTracker()),
+            *checkpoint_callbacks(config.training),
+        ],
     )
     for name, before, after in (
         ("train", train_set, trainer.train_dataset),

@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str, bool]] = {
     "reward_model": ("reward_model", "RewardModelStageConfig", False),
     "ppo": ("ppo", "PpoStageConfig", False),
     "evaluate": ("evaluate", "EvalStageConfig", False),
+    "multitask": ("multitask", "MultitaskStageConfig", True),
+    "contrastive": ("contrastive", "ContrastiveStageConfig", False),
 }
 
 

@@ -23,11 +23,12 @@ from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
     base_ref,
+    checkpoint_callbacks,
     checkpoint_step,
-    last_checkpoint,
     local_output,
     perplexity,
     quiet_printing,
+    resume_checkpoint,
     tracker_callback,
     trainer_arguments,
 )
@@ -112,7 +113,7 @@ def run(
     trainer = build_trainer(config, model, tokenizer, train_set, eval_set, out, tracker)
 
     # train; the eval loss before training is the baseline the stage must beat
-    resume = last_checkpoint(out)
+    resume = resume_checkpoint(out, config.training)
     initial = trainer.evaluate()["eval_loss"]
     log.info("training %d steps (initial eval loss %.4f)", config.training.max_steps, initial)
     started = time.monotonic()
@@ -259,7 +260,10 @@ def build_trainer(
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        callbacks=[tracker_callback(tracker or NullTracker())],
+        callbacks=[
+            tracker_callback(tracker or NullTracker()),
+            *checkpoint_callbacks(config.training),
+        ],
     )
     return quiet_printing(trainer)
 

@@ -620,6 +620,85 @@ def list_files(uri: str) -> list[str]:
     return [_join_s3(bucket, item) for item in keys]
 
 
+def list_relative(uri: str) -> list[str]:
+    """List the files under a folder or prefix by their relative paths; ``[]`` when there are none.
+
+    Unlike :func:`list_files`, an empty or missing folder is not an error: this is for places
+    that start empty, such as a prefix that checkpoints accumulate under.
+
+    Args:
+        uri: A local directory or an ``s3://`` prefix (``s3://b/data`` covers ``data/...`` only).
+
+    Returns:
+        Sorted POSIX paths relative to ``uri`` (``"checkpoint-10/model.safetensors"``).
+
+    Raises:
+        StorageError: The bucket or server is not there, or the local folder cannot be read.
+    """
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.is_dir():
+            return []
+        with _local_errors(path):
+            return sorted(
+                item.relative_to(path).as_posix() for item in path.rglob("*") if item.is_file()
+            )
+    bucket, key = split_s3(uri)
+    prefix = _folder_prefix(key)
+    client = s3_client()
+    with _s3_errors(uri, client):
+        keys = _list_keys(client, bucket, prefix)
+    return [item[len(prefix) :] for item in keys]
+
+
+def delete(uri: str) -> int:
+    """Delete a file, or every file under a folder or prefix; nothing there is not an error.
+
+    Args:
+        uri: A local path or an ``s3://`` URI of an object or prefix. A prefix is a folder:
+            ``s3://b/data`` deletes ``data`` and ``data/...``, not ``data2/...``.
+
+    Returns:
+        How many files or objects were deleted.
+
+    Raises:
+        StorageError: The bucket or server is not there, or a file could not be deleted.
+    """
+    if not is_s3(uri):
+        path = Path(uri)
+        with _local_errors(path):
+            if path.is_dir():
+                count = sum(1 for item in path.rglob("*") if item.is_file())
+                shutil.rmtree(path)
+                return count
+            if path.exists():
+                path.unlink()
+                return 1
+        return 0
+    bucket, key = split_s3(uri)
+    if not key.strip("/"):
+        raise StorageError(f"{uri}: refusing to empty a whole bucket (name a prefix in it)")
+    client = s3_client()
+    with _s3_errors(uri, client):
+        keys = _list_keys(client, bucket, _folder_prefix(key))
+        if _head(client, bucket, key) is not None:
+            keys.append(key)
+        # DeleteObjects takes at most 1000 keys per request
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": item} for item in keys[start : start + 1000]]
+            response = client.delete_objects(Bucket=bucket, Delete={"Objects": batch})
+            failed = response.get("Errors") or []
+            if failed:
+                first = failed[0]
+                raise StorageError(
+                    f"{_join_s3(bucket, first.get('Key', ''))}: cannot delete "
+                    f"({first.get('Code', 'an error')}: {first.get('Message', 'no message')}; "
+                    "check the bucket policy)"
+                )
+    logger.debug("deleted %d objects at %s", len(keys), uri)
+    return len(keys)
+
+
 def download(uri: str, dest: str | os.PathLike[str]) -> Path:
     """Fetch a file, or every file under a folder or prefix, to a local path.
 

@@ -2,28 +2,39 @@
 
 SFT, DPO and the reward model each wrap a TRL trainer. They build its config from
 :class:`TrainingOptions` through :func:`trainer_arguments`, find the checkpoint to resume from
-with :func:`last_checkpoint`, and report to the stage's tracker through :class:`TrackerCallback`,
-so that these concerns are written once and cannot drift apart between stages.
+with :func:`resume_checkpoint`, and report to the stage's tracker through :class:`TrackerCallback`,
+so that these concerns are written once and cannot drift apart between stages. With
+``training.checkpoint_uri`` set, :class:`CheckpointStore` keeps copies of the checkpoints in the
+artifact store (for TRL stages through :func:`checkpoint_callbacks`, for PPO from its own save
+function), so that a retried cluster pod, which starts with an empty output folder, resumes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Literal
 
+from alignpipe import storage
 from alignpipe.config import option
-from alignpipe.errors import ConfigError
+from alignpipe.errors import ConfigError, StorageError
 from alignpipe.models import DTYPES, PeftOptions
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# The object written last into a checkpoint's copy in the store: the list of its files.
+UPLOAD_MARKER = "upload-complete.json"
+# A checkpoint folder of any stage: checkpoint-N (TRL), iter-N (PPO).
+_STORED_CHECKPOINT = re.compile(r"^[A-Za-z_]+-(\d+)$")
 
 
 @dataclass
@@ -48,6 +59,12 @@ class TrainingOptions:
     )
     save_steps: int = option(50, help="Write a checkpoint every this many steps (for resume).")
     save_total_limit: int = option(2, help="Keep at most this many checkpoints.")
+    checkpoint_uri: str | None = option(
+        None,
+        help="Also keep each complete checkpoint here (an s3:// prefix or a folder), pruned to "
+        "save_total_limit; a run whose output holds no checkpoint resumes from the newest one "
+        "here, as a retried cluster pod must. Unset = checkpoints in the output only.",
+    )
     seed: int = option(0, help="Seed of initialisation, shuffling and dropout.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", help="Numeric precision; auto = bf16 on a GPU that supports it, else fp32."
@@ -65,6 +82,18 @@ class TrainingOptions:
             raise ConfigError(f"training.learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.checkpoint_uri is not None:
+            uri = self.checkpoint_uri
+            if not uri.strip() or ("://" in uri and not storage.is_s3(uri)):
+                raise ConfigError(
+                    f"training.checkpoint_uri must be an s3://bucket/prefix or a local folder, "
+                    f"got {uri!r}; leave it unset to keep checkpoints in the output only"
+                )
+            if storage.is_s3(uri) and not uri[len(storage.S3_SCHEME) :].strip("/"):
+                raise ConfigError(
+                    f"training.checkpoint_uri {uri!r} names no bucket; write it as "
+                    "s3://bucket/prefix"
+                )
 
 
 @dataclass
@@ -203,6 +232,207 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     step, path = max(found)
     log.info("resuming from checkpoint at step %d: %s", step, path)
     return str(path)
+
+
+def resume_checkpoint(
+    output_dir: str | Path,
+    options: TrainingOptions,
+    find: Callable[[Path], str | None] = last_checkpoint,
+) -> str | None:
+    """The checkpoint a run resumes from: the newest in the output, else the newest stored.
+
+    With ``options.checkpoint_uri`` set and no checkpoint in the output (a retried pod starts
+    with an empty output folder), the newest complete checkpoint in the store is downloaded
+    into ``output_dir/checkpoints`` first. The store is listed even when the output has a
+    checkpoint, so that a wrong bucket or missing credentials fail before training, not at its
+    first save.
+
+    Args:
+        output_dir: The stage's local output folder.
+        options: The run's training options.
+        find: The stage's finder of the newest complete local checkpoint (the TRL stages'
+            :func:`last_checkpoint` by default; PPO has its own).
+
+    Raises:
+        StorageError: The store cannot be read, or a download failed.
+    """
+    output = Path(output_dir)
+    store = checkpoint_store(options)
+    stored = store.complete() if store is not None else []
+    local = find(output)
+    if local is not None or store is None or not stored:
+        return local
+    store.download(stored[-1][1], output / CHECKPOINT_DIR)
+    return find(output)
+
+
+def checkpoint_store(options: TrainingOptions) -> CheckpointStore | None:
+    """The store of ``options.checkpoint_uri``, pruned to ``save_total_limit``; None if unset."""
+    if options.checkpoint_uri is None:
+        return None
+    return CheckpointStore(options.checkpoint_uri, options.save_total_limit)
+
+
+def checkpoint_callbacks(options: TrainingOptions) -> list[Any]:
+    """Trainer callbacks that copy each saved checkpoint to the store ([] without a store).
+
+    The trainer calls ``on_save`` once the checkpoint folder is complete (trainer state
+    written, older local checkpoints rotated out).
+    """
+    store = checkpoint_store(options)
+    if store is None:
+        return []
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class StoreCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+                store.upload(folder)
+
+    return [StoreCheckpoints()]
+
+
+def run_checkpoint_uri(root: str, kfp_run_id: str | None, stage: str) -> str:
+    """Where a pipeline run's stage keeps its checkpoints: ``ROOT/RUN_ID/STAGE``.
+
+    Keyed by the KFP run id, which a retried task keeps, so the retry finds its checkpoints and
+    another run does not.
+
+    Raises:
+        ConfigError: The run id is missing.
+    """
+    if not kfp_run_id:
+        raise ConfigError(
+            f"{stage}: checkpoint_root needs the KFP run id; pass "
+            "kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER to the component, or unset checkpoint_root"
+        )
+    return f"{root.rstrip('/')}/{kfp_run_id}/{stage}"
+
+
+class CheckpointStore:
+    """Copies of a stage's checkpoint folders under an ``s3://`` prefix or a local folder.
+
+    A checkpoint ``NAME-STEP`` (``checkpoint-20``, ``iter-4``) is stored as ``URI/NAME-STEP/...``.
+    Its files go up first and the marker object ``upload-complete.json``, which lists them, goes
+    last: a copy without the marker (an upload cut short by a killed pod) is never downloaded,
+    and a download fetches exactly the listed files. Pruning removes the marker first for the
+    same reason. One pod writes a store at a time (KFP retries a task only after it failed).
+    """
+
+    def __init__(self, uri: str, keep: int) -> None:
+        """Open a store; nothing is read or written until it is used.
+
+        Args:
+            uri: An ``s3://`` prefix or a local folder.
+            keep: How many complete copies pruning keeps (``save_total_limit``); <= 0 keeps all.
+        """
+        self.uri = uri.rstrip("/")
+        self.keep = keep
+
+    def upload(self, folder: Path) -> str:
+        """Copy a complete local checkpoint folder to the store, then prune older copies.
+
+        Returns:
+            The URI of the copy.
+
+        Raises:
+            StorageError: The folder's name has no step, or the upload failed.
+        """
+        step = _stored_step(folder.name)
+        if step is None:
+            raise StorageError(f"{folder}: not a checkpoint folder (NAME-STEP, e.g. checkpoint-20)")
+        remote = f"{self.uri}/{folder.name}"
+        marker = f"{remote}/{UPLOAD_MARKER}"
+        # a copy left by an earlier attempt is incomplete from the moment it is overwritten
+        storage.delete(marker)
+        files = sorted(item for item in folder.rglob("*") if item.is_file())
+        storage.upload(folder, remote)
+        listed = {item.relative_to(folder).as_posix(): item.stat().st_size for item in files}
+        storage.write_text(marker, json.dumps({"step": step, "files": listed}, indent=1) + "\n")
+        log.info("stored the checkpoint of step %d at %s", step, remote)
+        self.prune(step)
+        return remote
+
+    def complete(self) -> list[tuple[int, str]]:
+        """``(step, name)`` of every complete copy in the store, oldest first."""
+        return sorted((step, name) for name, (step, done) in self._listing().items() if done)
+
+    def download(self, name: str, checkpoints: Path) -> Path:
+        """Fetch the complete copy ``name`` into ``checkpoints/name``, replacing what is there.
+
+        The files land in a staging folder that is renamed into place at the end, so a killed
+        download never looks like a checkpoint to resume from.
+
+        Raises:
+            StorageError: The copy has no marker, a file is missing or of the wrong size, or a
+                download failed (checksums are verified by :mod:`alignpipe.storage`).
+        """
+        remote = f"{self.uri}/{name}"
+        manifest = json.loads(storage.read_text(f"{remote}/{UPLOAD_MARKER}"))
+        staging = checkpoints / f".download-{name}-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            for relative, size in manifest["files"].items():
+                parts = PurePosixPath(relative).parts
+                if PurePosixPath(relative).is_absolute() or ".." in parts:
+                    raise StorageError(
+                        f"{remote}/{UPLOAD_MARKER}: lists {relative!r}, outside the checkpoint "
+                        "(delete this stored checkpoint)"
+                    )
+                target = storage.download(f"{remote}/{relative}", staging.joinpath(*parts))
+                if target.stat().st_size != size:
+                    raise StorageError(
+                        f"{remote}/{relative}: {target.stat().st_size} bytes, the marker lists "
+                        f"{size} (the stored checkpoint changed during the download; retry)"
+                    )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        dest = checkpoints / name
+        if dest.exists():  # an incomplete local checkpoint, left by a killed save
+            shutil.rmtree(dest)
+        staging.rename(dest)
+        log.info(
+            "downloaded the checkpoint of step %d from %s to %s", manifest["step"], remote, dest
+        )
+        return dest
+
+    def prune(self, newest: int) -> None:
+        """Delete complete copies beyond the newest ``keep``, and incomplete ones before ``newest``.
+
+        An incomplete copy older than the checkpoint just stored is the remains of a killed
+        upload; one newer than it is left alone.
+        """
+        if self.keep <= 0:
+            return
+        listing = self._listing()
+        done = sorted((step, name) for name, (step, complete) in listing.items() if complete)
+        stale = {name for _, name in done[: -self.keep]}
+        stale |= {
+            name for name, (step, complete) in listing.items() if not complete and step < newest
+        }
+        for name in sorted(stale, key=lambda item: listing[item][0]):
+            storage.delete(f"{self.uri}/{name}/{UPLOAD_MARKER}")
+            storage.delete(f"{self.uri}/{name}")
+            log.info("pruned the stored checkpoint %s/%s", self.uri, name)
+
+    def _listing(self) -> dict[str, tuple[int, bool]]:
+        """Every checkpoint folder in the store: name -> (step, has its marker)."""
+        found: dict[str, tuple[int, bool]] = {}
+        for relative in storage.list_relative(self.uri):
+            name, _, rest = relative.partition("/")
+            step = _stored_step(name)
+            if step is not None and rest:
+                found[name] = (step, found.get(name, (step, False))[1] or rest == UPLOAD_MARKER)
+        return found
+
+
+def _stored_step(name: str) -> int | None:
+    match = _STORED_CHECKPOINT.match(name)
+    return int(match.group(1)) if match else None
 
 
 def tracker_callback(tracker: Any, prefix: str = "") -> Any:
