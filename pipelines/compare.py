@@ -33,7 +33,6 @@ def compare_pipeline(
     ppo_config: Optional[dict] = None,
     eval_config: Optional[dict] = None,
     tiny_options: Optional[dict] = None,
-    checkpoint_root: Optional[str] = None,
     accelerator_type: str = resources.ACCELERATOR_TYPE,
     accelerator_count: int = resources.ACCELERATOR_COUNT,
     train_cpu: str = resources.TRAIN_CPU,
@@ -68,7 +67,6 @@ def compare_pipeline(
             base_model_ref=base_model_ref,
             sft_config=sft_config,
             tiny_options=tiny_options,
-            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
             **settings,
         ).set_display_name("SFT")
@@ -80,8 +78,7 @@ def compare_pipeline(
             config=dpo_config,
             tracking_uri=tracking_uri,
             parent_run_id=parent,
-            checkpoint_root=checkpoint_root,
-            kfp_run_id=run_id,
+            **resources.checkpointing(run_id),
         ).set_display_name("DPO")
         rlhf = rlhf_stage(
             pairs=pairs,
@@ -89,7 +86,6 @@ def compare_pipeline(
             parent_run_id=parent,
             reward_model_config=reward_model_config,
             ppo_config=ppo_config,
-            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
             **settings,
         ).set_display_name("reward model and PPO")

@@ -29,7 +29,6 @@ def dpo_pipeline(
     dpo_config: Optional[dict] = None,
     eval_config: Optional[dict] = None,
     tiny_options: Optional[dict] = None,
-    checkpoint_root: Optional[str] = None,
     gate_metric: str = "gold_reward_delta",
     accelerator_type: str = resources.ACCELERATOR_TYPE,
     accelerator_count: int = resources.ACCELERATOR_COUNT,
@@ -64,7 +63,6 @@ def dpo_pipeline(
             base_model_ref=base_model_ref,
             sft_config=sft_config,
             tiny_options=tiny_options,
-            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
             **settings,
         ).set_display_name("SFT")
@@ -74,8 +72,7 @@ def dpo_pipeline(
             config=dpo_config,
             tracking_uri=tracking_uri,
             parent_run_id=parent,
-            checkpoint_root=checkpoint_root,
-            kfp_run_id=run_id,
+            **resources.checkpointing(run_id),
         ).set_display_name("DPO")
         gate_stage(
             policy=aligned.outputs["model"],

@@ -11,13 +11,15 @@ name, so no name is baked into the YAML).
 Compile-time settings are a :class:`ClusterSettings` read, when the pipelines are imported,
 from the YAML file named by ``$ALIGNPIPE_CLUSTER_CONFIG`` (defaults otherwise): tolerations and
 a node selector for the GPU pool, an optional PVC for the model cache (``HF_HOME``), timeouts
-and retries of GPU tasks, whether the secrets may be missing, and per-stage hardware and
-timeouts that replace the run-time values for the stages they name. They are compile-time
+and retries of GPU tasks, where training stages keep checkpoints for those retries to resume
+from, whether the secrets may be missing, and per-stage hardware and timeouts that replace the
+run-time values for the stages they name. They are compile-time
 because KFP builds every graph when its module is imported and kfp-kubernetes takes plain values
 for them. Example file::
 
     gpu_node_selector: {cloud.google.com/gke-accelerator: nvidia-h100-80gb}
     model_cache_pvc: hf-cache          # a ReadWriteMany claim: parallel branches share it
+    checkpoint_root: s3://ml-checkpoints/alignpipe   # retried training pods resume from here
     stages:
       ppo: {accelerator_count: 2, memory: 128G, timeout_s: 172800}
       evaluate: {retries: 0}
@@ -100,6 +102,12 @@ class ClusterSettings:
     timeout_s: int = option(86400, help="seconds one attempt of a GPU task may run")
     retries: int = option(2, help="retries of a failed GPU task; training resumes from checkpoints")
     retry_backoff_s: int = option(60, help="seconds before the first retry; doubles each time")
+    checkpoint_root: Optional[str] = option(
+        None,
+        help="s3:// prefix where training stages also keep their checkpoints, under "
+        "ROOT/RUN_ID/STAGE, so that a retried pod (whose output starts empty) resumes from the "
+        "newest; unset = checkpoints in the output only",
+    )
     secrets_optional: bool = option(
         False, help="start tasks even when a secret is missing (then the pod has no credentials)"
     )
@@ -174,6 +182,18 @@ def hardware(
     if mlflow_secret is not None:
         settings["mlflow_secret"] = mlflow_secret
     return settings
+
+
+def checkpointing(run_id: Any, settings: Optional[ClusterSettings] = None) -> dict:
+    """Keyword arguments of a training component: the run id, and ``checkpoint_root`` when set.
+
+    KFP takes no ``None`` constant, so an unset root is left out rather than passed.
+    """
+    settings = settings or SETTINGS
+    arguments = {"kfp_run_id": run_id}
+    if settings.checkpoint_root:
+        arguments["checkpoint_root"] = settings.checkpoint_root
+    return arguments
 
 
 def configure(

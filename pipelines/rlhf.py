@@ -28,7 +28,6 @@ def rlhf_pipeline(
     ppo_config: Optional[dict] = None,
     eval_config: Optional[dict] = None,
     tiny_options: Optional[dict] = None,
-    checkpoint_root: Optional[str] = None,
     gate_metric: str = "gold_reward_delta",
     accelerator_type: str = resources.ACCELERATOR_TYPE,
     accelerator_count: int = resources.ACCELERATOR_COUNT,
@@ -63,7 +62,6 @@ def rlhf_pipeline(
             base_model_ref=base_model_ref,
             sft_config=sft_config,
             tiny_options=tiny_options,
-            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
             **settings,
         ).set_display_name("SFT")
@@ -73,7 +71,6 @@ def rlhf_pipeline(
             parent_run_id=parent,
             reward_model_config=reward_model_config,
             ppo_config=ppo_config,
-            checkpoint_root=checkpoint_root,
             tracking_uri=tracking_uri,
             **settings,
         ).set_display_name("reward model and PPO")

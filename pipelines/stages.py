@@ -78,7 +78,6 @@ def sft_stage(
     train_memory: str,
     sft_config: Optional[dict] = None,
     tiny_options: Optional[dict] = None,
-    checkpoint_root: Optional[str] = None,
     tracking_uri: Optional[str] = None,
     s3_secret: str = resources.S3_SECRET,
     mlflow_secret: str = resources.MLFLOW_SECRET,
@@ -92,8 +91,7 @@ def sft_stage(
         config=sft_config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
-        checkpoint_root=checkpoint_root,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        **resources.checkpointing(dsl.PIPELINE_JOB_ID_PLACEHOLDER),
     ).set_display_name("SFT")
     resources.configure(
         accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret
@@ -112,7 +110,6 @@ def rlhf_stage(
     train_memory: str,
     reward_model_config: Optional[dict] = None,
     ppo_config: Optional[dict] = None,
-    checkpoint_root: Optional[str] = None,
     tracking_uri: Optional[str] = None,
     s3_secret: str = resources.S3_SECRET,
     mlflow_secret: str = resources.MLFLOW_SECRET,
@@ -123,8 +120,7 @@ def rlhf_stage(
         config=reward_model_config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
-        checkpoint_root=checkpoint_root,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        **resources.checkpointing(dsl.PIPELINE_JOB_ID_PLACEHOLDER),
     ).set_display_name("reward model")
     policy = ppo(
         data=pairs,
@@ -133,8 +129,7 @@ def rlhf_stage(
         config=ppo_config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
-        checkpoint_root=checkpoint_root,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        **resources.checkpointing(dsl.PIPELINE_JOB_ID_PLACEHOLDER),
     ).set_display_name("PPO")
     resources.configure(
         accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret

@@ -132,6 +132,7 @@ def test_overrides_from_the_settings_file_take_effect(tmp_path):
         "timeout_s": 7200,
         "retries": 4,
         "secrets_optional": True,
+        "checkpoint_root": "s3://ml-checkpoints/alignpipe",
         "stages": {
             "ppo": {"accelerator_count": 2, "memory": "128G", "timeout_s": 172800},
             "evaluate": {"retries": 0, "accelerator_type": "nvidia.com/mig-1g.10gb"},
@@ -186,6 +187,20 @@ def test_overrides_from_the_settings_file_take_effect(tmp_path):
     assert "pvcMount" not in kubernetes["exec-prep"]
     assert "nodeSelector" not in kubernetes["exec-prep"]
     assert all(s["optional"] for s in kubernetes["exec-prep"]["secretAsEnv"])
+
+    # training tasks keep checkpoints under the root, by run id, so that retries resume
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    training = {
+        name: task["inputs"]["parameters"]
+        for dag in dags
+        for name, task in dag["tasks"].items()
+        if task["componentRef"]["name"] in ("comp-sft", "comp-reward-model", "comp-ppo")
+    }
+    assert set(training) == {"sft", "reward-model", "ppo"}
+    for parameters in training.values():
+        root = parameters["checkpoint_root"]["runtimeValue"]["constant"]
+        assert root == "s3://ml-checkpoints/alignpipe"
+        assert parameters["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
 
 
 def test_bad_settings_are_errors_that_name_the_fix(tmp_path):

@@ -124,14 +124,15 @@ def _training_tasks(spec: dict) -> dict[str, dict]:
 @pytest.mark.parametrize(
     ("name", "count"), [("dpo", 2), ("rlhf", 3), ("compare", 4)], ids=["dpo", "rlhf", "compare"]
 )
-def test_training_tasks_keep_checkpoints_under_the_run(compiled, name, count):
-    # a retried pod starts with an empty output; it resumes from CHECKPOINT_ROOT/RUN_ID/STAGE
-    spec = pipeline_spec(compiled[name])
-    assert spec["root"]["inputDefinitions"]["parameters"]["checkpoint_root"]["isOptional"]
-    tasks = _training_tasks(spec)
+def test_training_tasks_know_the_run_id_and_keep_checkpoints_locally_by_default(
+    compiled, name, count
+):
+    # without checkpoint_root in the cluster settings, checkpoints stay in the task's output;
+    # test_cluster_settings.py sets one and checks that every training task gets it
+    tasks = _training_tasks(pipeline_spec(compiled[name]))
     assert len(tasks) == count
     for task_name, task in tasks.items():
         parameters = task["inputs"]["parameters"]
-        assert "checkpoint_root" in parameters["checkpoint_root"]["componentInputParameter"]
+        assert "checkpoint_root" not in parameters, task_name
         run_id = parameters["kfp_run_id"]["runtimeValue"]["constant"]
         assert run_id == "{{$.pipeline_job_uuid}}", task_name
