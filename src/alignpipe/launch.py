@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 DISTRIBUTED_STAGES = frozenset({"sft", "dpo", "reward_model", "multitask"})
 WORKER_MODULE = "alignpipe.launch"
 UPLOAD_ENV = "ALIGNPIPE_UPLOAD_TO"
+PROCESSES_ENV = "ALIGNPIPE_PROCESSES"  # processes a component runs a stage on; unset = GPUs
+# Stages that only read and write data, on CPU pods: no device count needed (nor a torch import).
+DATA_STAGES = frozenset({"prep", "ingest"})
 MAX_NAME_LENGTH = 40  # pods are named <job>-<replica>-<index>-<suffix>; those must fit in 63
 
 # Secret keys the job pods read as environment variables of the same names; True = required.
@@ -574,8 +577,17 @@ def launch(
     return LaunchResult(stage, "job", name=name, state=state, attached=attached)
 
 
-def run_local(stage: str, inputs: Sequence[str], output: str, options: LaunchOptions) -> None:
-    """Run the stage on this machine: under torchrun for several GPUs, else one process."""
+def run_local(
+    stage: str,
+    inputs: Sequence[str],
+    output: str,
+    options: LaunchOptions,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run the stage on this machine: under torchrun for several GPUs, else one process.
+
+    ``env`` is added to this process's environment for the workers (e.g. the tracking URI).
+    """
     processes = options.processes_per_node
     check_distributed(stage, processes)
     args = stage_arguments(stage, inputs, output, options)
@@ -585,9 +597,84 @@ def run_local(stage: str, inputs: Sequence[str], output: str, options: LaunchOpt
     else:
         command = [sys.executable, "-m", WORKER_MODULE]
     log.info("running %s on %d process(es): %s", stage, processes, " ".join(command + args))
-    code = subprocess.run([*command, *args], check=False).returncode
+    # a lone worker has no LOCAL_RANK: this keeps its run_stage from launching one per GPU
+    environment = {**os.environ, **(env or {}), PROCESSES_ENV: "1"}
+    code = subprocess.run([*command, *args], check=False, env=environment).returncode
     if code != 0:
         raise kube.JobFailedError(f"{stage} exited with status {code}; its error is logged above")
+
+
+def local_processes(
+    stage: str, env: Mapping[str, str] | None = None, device_count: int | None = None
+) -> int:
+    """How many processes a component runs ``stage`` on in its own pod (1 = in-process).
+
+    One per GPU (``device_count``, by default ``torch.cuda.device_count()``), or
+    ``$ALIGNPIPE_PROCESSES`` when set (which also lets a CPU machine run several gloo
+    processes). Always 1 inside a torchrun worker, and for stages that do not run data-parallel:
+    those log why and use one device.
+    """
+    env = os.environ if env is None else env
+    if "LOCAL_RANK" in env or "WORLD_SIZE" in env:
+        return 1  # already one rank of a launched stage
+    raw = env.get(PROCESSES_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"{PROCESSES_ENV}={raw!r}: set it to a whole number of at least 1")
+        processes = int(raw)
+    elif stage in DATA_STAGES:
+        return 1
+    else:
+        if device_count is None:
+            import torch
+
+            device_count = torch.cuda.device_count()
+        processes = max(device_count, 1)
+    if processes > 1 and stage not in DISTRIBUTED_STAGES:
+        why = (
+            "its loop is single-process (rollouts, scoring and updates in one process)"
+            if stage == "ppo"
+            else "it does not run data-parallel"
+        )
+        log.info("%s runs in one process although %d are available: %s", stage, processes, why)
+        return 1
+    return processes
+
+
+def run_processes(
+    stage: str,
+    inputs: str | Sequence[str],
+    output: str,
+    config: Any,
+    processes: int,
+    *,
+    tracking_uri: str | None,
+    experiment: str,
+    parent_run_id: str | None,
+) -> Any:
+    """Run ``stage`` under torchrun on ``processes`` local processes and return its result.
+
+    The ready ``config`` travels to the workers as overrides; global rank 0 opens the stage's
+    MLflow run (under ``parent_run_id``) and writes ``OUTPUT``, so this launcher opens none.
+    The result is read back from ``OUTPUT/metrics.json``; it has no ``peak_rss_mb`` (this
+    launcher's own memory says nothing of the workers'; rank 0 logs its own peak to its run).
+    """
+    from alignpipe.config import to_dict
+    from alignpipe.models import STAGE_MODEL_DIR
+    from alignpipe.training import TrainResult
+
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    options = LaunchOptions(
+        gpus_per_node=processes,
+        config=to_dict(config),
+        parent_run_id=parent_run_id,
+        experiment=experiment,
+    )
+    env = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
+    run_local(stage, inputs, output, options, env=env)
+    out = Path(output).expanduser()
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))  # rank 0 wrote it
+    return TrainResult(model_dir=str(out / STAGE_MODEL_DIR), metrics=metrics)
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:

@@ -74,7 +74,12 @@ def run_stage(
         tags: Extra tags on the stage's run (e.g. the KFP run id).
         metrics_to_parent: Also log the result's metrics on the parent run, so the MLflow
             comparison view lines up pipeline runs by them (the evaluation stage does this).
+
+    On a machine with several GPUs (or ``$ALIGNPIPE_PROCESSES`` > 1) the data-parallel stages
+    run under torchrun, one process per GPU (:func:`alignpipe.launch.local_processes`); the
+    others run here on one.
     """
+    from alignpipe.launch import local_processes, run_processes
     from alignpipe.tracking import MlflowTracker, resolve_tracking_uri, stage_run
 
     if config is None:
@@ -89,19 +94,38 @@ def run_stage(
         inputs = inputs[0]
     run = importlib.import_module(f"alignpipe.{module}").run
     parent_run_id = parent_run_id or None  # KFP passes "" when the pipeline is not tracked
-    with stage_run(
-        stage,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        parent_run_id=parent_run_id,
-        tags=tags,
-    ) as tracker:
-        result = run(config, inputs, output, tracker=tracker)
-        if not many:
-            # the cost side of a comparison: a KFP task is its own process, so this is its peak
-            peak = {"peak_rss_mb": peak_rss_mb()}
-            result.metrics.update(peak)
-            tracker.log_metrics(peak)
+    processes = local_processes(stage)
+    if processes > 1:
+        if tags:
+            raise NotImplementedError(
+                f"tags cannot reach the run of {stage} under torchrun; unset them, or set "
+                "ALIGNPIPE_PROCESSES=1 to run it in one process"
+            )
+        # rank 0 of the workers opens the stage's run; opening one here would make two
+        result = run_processes(
+            stage,
+            inputs,
+            output,
+            config,
+            processes,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            parent_run_id=parent_run_id,
+        )
+    else:
+        with stage_run(
+            stage,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            parent_run_id=parent_run_id,
+            tags=tags,
+        ) as tracker:
+            result = run(config, inputs, output, tracker=tracker)
+            if not many:
+                # the cost side of a comparison; a KFP task is its own process, so this is its peak
+                peak = {"peak_rss_mb": peak_rss_mb()}
+                result.metrics.update(peak)
+                tracker.log_metrics(peak)
     if metrics_to_parent and tracking_uri and parent_run_id:
         MlflowTracker(tracking_uri, parent_run_id).log_metrics(result.metrics)
     return result
