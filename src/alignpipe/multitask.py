@@ -24,7 +24,13 @@ from alignpipe.config import flatten, option
 from alignpipe.data.build import read_split
 from alignpipe.errors import ConfigError, DataError
 from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
-from alignpipe.training import TrainResult, local_output, perplexity, resume_checkpoint
+from alignpipe.training import (
+    TrainResult,
+    local_output,
+    perplexity,
+    resume_checkpoint,
+    save_stage_model,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -141,7 +147,7 @@ def run(
     final = held_out(trainer, everything, list(evals))
 
     # log: the SFT metrics of all tasks together, then one of each per task
-    metrics = sft._metrics(trainer, initial.pop(""), final.pop(""), seconds, resume)
+    metrics = sft.sft_metrics(trainer, initial.pop(""), final.pop(""), seconds, resume)
     for task in evals:
         metrics[f"eval_loss/{task}"] = final[task]
         metrics[f"eval_loss_initial/{task}"] = initial[task]
@@ -152,7 +158,7 @@ def run(
     log.info("multitask: eval loss per task %s", {t: round(v, 4) for t, v in final.items()})
 
     # save
-    model_dir = sft._save(config, trainer.model, tokenizer, out)
+    model_dir = save_stage_model(config, trainer.model, tokenizer, out)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from=resume)
 

@@ -40,6 +40,7 @@ from alignpipe.training import (
     checkpoint_store,
     resolve_precision,
     resume_checkpoint,
+    save_stage_model,
 )
 
 if TYPE_CHECKING:
@@ -299,7 +300,7 @@ def run(
     log.info("ppo: held-out reward %.4f -> %.4f", metrics["reward_initial"], metrics["reward"])
 
     # save
-    model_dir = _save(config, learner.policy, tokenizer, out)
+    model_dir = save_stage_model(config, learner.policy, tokenizer, out)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from=resume)
 
@@ -1149,24 +1150,3 @@ def _local_folder(output: str) -> Path:
     folder = Path(output).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _save(config: PpoStageConfig, policy: Any, tokenizer: Any, output: Path) -> str:
-    dest = output / models.STAGE_MODEL_DIR
-    adapter = config.peft.method == "lora"
-    models.save_model(
-        policy,
-        tokenizer,
-        str(dest),
-        merge_adapter=adapter and not config.save_adapter_only,
-        base_ref=_base_ref(config.model) if config.save_adapter_only else None,
-    )
-    log.info("ppo: saved the %s to %s", "adapter" if config.save_adapter_only else "policy", dest)
-    return str(dest)
-
-
-def _base_ref(ref: str) -> str:
-    # an adapter records where its base lives: the URI or hub id as given, a folder in full
-    if ref.startswith("s3://"):
-        return ref
-    return models.resolve_model(ref)

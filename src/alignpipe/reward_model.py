@@ -27,12 +27,12 @@ from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
 from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
-    base_ref,
     checkpoint_callbacks,
-    checkpoint_step,
     local_output,
+    pair_trainer_metrics,
     quiet_printing,
     resume_checkpoint,
+    save_stage_model,
     tracker_callback,
     trainer_arguments,
 )
@@ -149,7 +149,7 @@ def run(
     final = _held_out(trainer)
 
     # log
-    metrics = _metrics(trainer, trained.training_loss, initial, final, seconds, resume)
+    metrics = pair_trainer_metrics(trainer, trained.training_loss, initial, final, seconds, resume)
     tracker.log_metrics(metrics, step=trainer.state.global_step)
     tracker.log_dict(metrics, METRICS_FILE)
     if resume:
@@ -157,7 +157,9 @@ def run(
     log.info("reward_model: held-out accuracy %s in %.1f s", final.get("accuracy"), seconds)
 
     # save
-    model_dir = _save(config, trainer.model, tokenizer, out)
+    # the classifier reads the reward where the padding starts: the saved config must say where
+    trainer.model.config.pad_token_id = tokenizer.pad_token_id
+    model_dir = save_stage_model(config, trainer.model, tokenizer, out)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from=resume)
 
@@ -539,48 +541,3 @@ def _held_out(trainer: RewardTrainer) -> dict[str, float]:
 def _softplus(x: float) -> float:
     # -log sigmoid(gap) = softplus(-gap), written to not overflow for large |x|
     return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
-def _metrics(
-    trainer: RewardTrainer,
-    train_loss: float,
-    initial: dict[str, float],
-    final: dict[str, float],
-    seconds: float,
-    resume: str | None,
-) -> dict[str, float]:
-    state = trainer.state
-    metrics = {f"eval_{name}": value for name, value in final.items()}
-    metrics.update({f"eval_{name}_initial": value for name, value in initial.items()})
-    metrics.update(
-        {
-            # mean over the steps this process ran (after a resume: since the checkpoint)
-            "train_loss": float(train_loss),
-            # non-padding tokens of prompt + chosen and prompt + rejected, over the whole run
-            "train_tokens": float(state.num_input_tokens_seen),
-            "train_seconds": seconds,
-            "global_step": float(state.global_step),
-            "resumed_from_step": float(checkpoint_step(resume) if resume else 0),
-        }
-    )
-    return metrics
-
-
-def _save(config: RewardModelStageConfig, model: Any, tokenizer: Any, output: Path) -> str:
-    dest = output / models.STAGE_MODEL_DIR
-    adapter = config.peft.method != "none"
-    # the classifier reads the reward where the padding starts: the saved config must say where
-    model.config.pad_token_id = tokenizer.pad_token_id
-    models.save_model(
-        model,
-        tokenizer,
-        str(dest),
-        merge_adapter=adapter and not config.save_adapter_only,
-        base_ref=base_ref(config.model) if config.save_adapter_only else None,
-    )
-    log.info(
-        "reward_model: saved the %s to %s",
-        "adapter" if config.save_adapter_only else "model",
-        dest,
-    )
-    return str(dest)

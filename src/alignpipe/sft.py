@@ -22,13 +22,13 @@ from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
 from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
-    base_ref,
     checkpoint_callbacks,
     checkpoint_step,
     local_output,
     perplexity,
     quiet_printing,
     resume_checkpoint,
+    save_stage_model,
     tracker_callback,
     trainer_arguments,
 )
@@ -122,7 +122,7 @@ def run(
     final = trainer.evaluate()["eval_loss"]
 
     # log
-    metrics = _metrics(trainer, initial, final, seconds, resume)
+    metrics = sft_metrics(trainer, initial, final, seconds, resume)
     tracker.log_metrics(metrics, step=trainer.state.global_step)
     tracker.log_dict(metrics, METRICS_FILE)
     if resume:
@@ -130,7 +130,7 @@ def run(
     log.info("eval loss %.4f -> %.4f in %.1f s", initial, final, seconds)
 
     # save
-    model_dir = _save(config, trainer.model, tokenizer, out)
+    model_dir = save_stage_model(config, trainer.model, tokenizer, out)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return TrainResult(model_dir=model_dir, metrics=metrics, resumed_from=resume)
 
@@ -268,7 +268,7 @@ def build_trainer(
     return quiet_printing(trainer)
 
 
-def _metrics(
+def sft_metrics(
     trainer: SFTTrainer, initial: float, final: float, seconds: float, resume: str | None
 ) -> dict[str, float]:
     state = trainer.state
@@ -288,17 +288,3 @@ def _metrics(
     if resume:
         metrics["resumed_from_step"] = float(checkpoint_step(resume))
     return metrics
-
-
-def _save(config: SftStageConfig, model: Any, tokenizer: Any, output: Path) -> str:
-    dest = output / models.STAGE_MODEL_DIR
-    adapter = config.peft.method != "none"
-    models.save_model(
-        model,
-        tokenizer,
-        str(dest),
-        merge_adapter=adapter and not config.save_adapter_only,
-        base_ref=base_ref(config.model) if adapter else None,
-    )
-    log.info("saved the %s to %s", "adapter" if config.save_adapter_only else "model", dest)
-    return str(dest)

@@ -510,3 +510,54 @@ def base_ref(ref: str) -> str:
     from alignpipe import models
 
     return models.resolve_model(ref)
+
+
+def save_stage_model(config: ModelStageOptions, model: Any, tokenizer: Any, output: Path) -> str:
+    """Save a trained model as ``output/model``: merged weights, or the adapter alone.
+
+    With ``save_adapter_only`` the adapter records its base (:func:`base_ref`), so that the
+    folder loads on its own; otherwise a LoRA adapter is merged into a plain model.
+    """
+    from alignpipe import models
+
+    dest = output / models.STAGE_MODEL_DIR
+    adapter = config.peft.method != "none"
+    models.save_model(
+        model,
+        tokenizer,
+        str(dest),
+        merge_adapter=adapter and not config.save_adapter_only,
+        base_ref=base_ref(config.model) if config.save_adapter_only else None,
+    )
+    saved = "adapter" if config.save_adapter_only else "model"
+    log.info("%s: saved the %s to %s", config.stage, saved, dest)
+    return str(dest)
+
+
+def pair_trainer_metrics(
+    trainer: Any,
+    train_loss: float,
+    initial: dict[str, float],
+    final: dict[str, float],
+    seconds: float,
+    resume: str | None,
+) -> dict[str, float]:
+    """The metrics of a stage trained on preference pairs (DPO, the reward model).
+
+    Held-out measures as ``eval_<name>`` and ``eval_<name>_initial``, then the run's cost.
+    """
+    state = trainer.state
+    metrics = {f"eval_{name}": value for name, value in final.items()}
+    metrics.update({f"eval_{name}_initial": value for name, value in initial.items()})
+    metrics.update(
+        {
+            # mean over the steps this process ran (after a resume: since the checkpoint)
+            "train_loss": float(train_loss),
+            # non-padding tokens of prompt + chosen and prompt + rejected, over the whole run
+            "train_tokens": float(state.num_input_tokens_seen),
+            "train_seconds": seconds,
+            "global_step": float(state.global_step),
+            "resumed_from_step": float(checkpoint_step(resume) if resume else 0),
+        }
+    )
+    return metrics
