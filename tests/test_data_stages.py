@@ -2,6 +2,7 @@
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -250,3 +251,37 @@ def test_ingest_reads_and_writes_s3(s3_env, sample_data):
         f"{s3_env}/prepared/{name}"
         for name in ("eval.parquet", "quarantine.jsonl", "stats.json", "train.parquet")
     ]
+
+
+def test_a_stage_reads_a_split_with_its_fingerprint_or_says_which_folder_it_wants(tmp_path):
+    from alignpipe.data.build import read_stage_split, split_uri
+    from alignpipe.tracking import fingerprint_file
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "p", "chosen": "a", "rejected": "b"}]),
+        folder / "train.parquet",
+    )
+    records, digest = read_stage_split(str(folder), "train", "give it the ingest output")
+    assert records == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+    assert digest == fingerprint_file(folder / "train.parquet")
+    assert split_uri(f"{folder}/", "train") == f"{folder}/train.parquet"
+    with pytest.raises(DataError, match=r"holds no eval\.parquet; give it the ingest output$"):
+        read_stage_split(str(folder), "eval", "give it the ingest output")
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward_model", "ppo", "sft", "contrastive"])
+def test_training_stages_name_the_folder_they_want_when_a_split_is_missing(tmp_path, stage):
+    import importlib
+
+    module = importlib.import_module(f"alignpipe.{stage}")
+    loader = {
+        "dpo": "load_pairs",
+        "reward_model": "load_pairs",
+        "ppo": "load_prompts",
+        "sft": "load_conversations",
+        "contrastive": "load_text_pairs",
+    }[stage]
+    with pytest.raises(DataError, match=f"holds no train.parquet; give {stage} the output folder"):
+        getattr(module, loader)(str(tmp_path), "train")

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from alignpipe import models, storage
+from alignpipe import models
 from alignpipe.config import flatten, option
-from alignpipe.data.build import read_split
+from alignpipe.data.build import read_stage_split, split_uri
 from alignpipe.errors import ConfigError, DataError
 from alignpipe.models import PeftOptions
-from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
+from alignpipe.tracking import NullTracker, Tracker
 from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
@@ -223,15 +223,12 @@ def load_text_pairs(data: str, split: str, tracker: Tracker | None = None) -> li
     Raises:
         DataError: The split is missing or empty, or holds records of another shape.
     """
-    with storage.local_path(data) as folder:
-        path = Path(folder) / f"{split}.parquet"
-        if not path.is_file():
-            raise DataError(
-                f"{data} holds no {split}.parquet; give contrastive the output folder of the "
-                "prep stage (text pairs) or of the ingest stage (preference pairs)"
-            )
-        records = read_split(str(folder), split)
-        digest = fingerprint_file(path)
+    records, digest = read_stage_split(
+        data,
+        split,
+        "give contrastive the output folder of the prep stage (text pairs) or of the ingest "
+        "stage (preference pairs)",
+    )
     if not records:
         raise DataError(
             f"the {split} split of {data} is empty; contrastive needs both splits (re-run prep "
@@ -249,7 +246,7 @@ def load_text_pairs(data: str, split: str, tracker: Tracker | None = None) -> li
         )
     log.info("%d %s %s rows from %s", len(rows), split, kind, data)
     if tracker is not None:
-        uri = f"{data.rstrip('/')}/{split}.parquet"
+        uri = split_uri(data, split)
         tracker.log_dataset(f"{kind}-{split}", uri, digest, split, len(rows))
     return rows
 

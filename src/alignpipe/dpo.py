@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from alignpipe import models, storage
+from alignpipe import models
 from alignpipe.config import flatten, option
-from alignpipe.data.build import read_split
-from alignpipe.errors import ConfigError, DataError
-from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
+from alignpipe.errors import ConfigError
+from alignpipe.tracking import NullTracker, Tracker
 from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
     checkpoint_callbacks,
+    load_preference_pairs,
     local_output,
     pair_trainer_metrics,
     quiet_printing,
@@ -67,7 +67,6 @@ EVAL_METRICS = (
     "rewards/chosen",
     "rewards/rejected",
 )
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
@@ -192,46 +191,9 @@ def run(
 def load_pairs(data: str, split: str, tracker: Tracker | None = None) -> Dataset | None:
     """Read one split of an ingest output folder in TRL's conversational preference format.
 
-    Args:
-        data: The ingest stage's output folder (local or ``s3://``).
-        split: ``train`` or ``eval``.
-        tracker: Gets the split's fingerprint and row count as a dataset input.
-
-    Returns:
-        A ``Dataset`` of ``prompt``, ``chosen`` and ``rejected`` message lists; None for an
-        empty eval split (the stage then reports no held-out metrics).
-
-    Raises:
-        DataError: The split is missing, holds records other than preference pairs, or is
-            the train split and empty.
+    See :func:`alignpipe.training.load_preference_pairs`: None for an empty eval split.
     """
-    from datasets import Dataset
-
-    # one download of the folder serves reading and fingerprinting
-    with storage.local_path(data) as folder:
-        path = Path(folder) / f"{split}.parquet"
-        if not path.is_file():
-            raise DataError(
-                f"{data} holds no {split}.parquet; give dpo the output folder of the ingest "
-                "stage (alignpipe ingest INPUT --output DIR)"
-            )
-        records = read_split(str(folder), split)
-        digest = fingerprint_file(path)
-    if records and not all(field in records[0] for field in PAIR_FIELDS):
-        raise DataError(
-            f"{data}/{split}.parquet holds {', '.join(records[0])} records, not preference "
-            "pairs; dpo trains on the ingest stage's output"
-        )
-    if not records:
-        if split == "eval":
-            log.warning("dpo: the eval split of %s is empty; no held-out metrics", data)
-            return None
-        raise DataError(f"the train split of {data} is empty; ingest more preference data")
-    log.info("dpo: %d %s pairs from %s", len(records), split, data)
-    if tracker is not None:
-        uri = f"{data.rstrip('/')}/{split}.parquet"
-        tracker.log_dataset(f"preference-{split}", uri, digest, split, len(records))
-    return Dataset.from_list([{k: r[k] for k in PAIR_FIELDS} for r in records])
+    return load_preference_pairs(data, split, "dpo", tracker)
 
 
 def load_policy(config: DpoStageConfig) -> tuple[Any, Any]:

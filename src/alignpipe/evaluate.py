@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from alignpipe import storage, synthetic
 from alignpipe.config import flatten, option
+from alignpipe.data.build import read_stage_split, split_uri
 from alignpipe.data.records import prompt_key
 from alignpipe.errors import ConfigError, DataError, ModelError
 from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
@@ -745,11 +746,8 @@ def _compare(
 
 def _read_split(folder: str, split: str) -> list[dict]:
     """One split of a prep output folder (the few-shot examples come from ``train``)."""
-    import pyarrow.parquet as pq
-
-    uri = f"{folder.rstrip('/')}/{split}.parquet"
-    with storage.local_path(uri) as path:
-        records = pq.read_table(path).to_pylist()
+    uri = split_uri(folder, split)
+    records, _ = read_stage_split(folder, split, "pass a prep output folder as sft_data")
     if not records or "messages" not in records[0]:
         raise DataError(f"{uri} holds no conversations; pass a prep output folder as sft_data")
     return records

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from alignpipe import sft, storage
 from alignpipe.config import flatten, option
-from alignpipe.data.build import read_split
+from alignpipe.data.build import read_stage_split, split_uri
 from alignpipe.errors import ConfigError, DataError
-from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
+from alignpipe.tracking import NullTracker, Tracker
 from alignpipe.training import (
     TrainResult,
     local_output,
@@ -175,15 +175,11 @@ def load_tasks(
 
     by_task: dict[str, list[dict[str, Any]]] = {}
     for data in folders:
-        with storage.local_path(data) as folder:
-            path = Path(folder) / f"{split}.parquet"
-            if not path.is_file():
-                raise DataError(
-                    f"{data} holds no {split}.parquet; give multitask prep output folders "
-                    "(alignpipe prep INPUT --output DIR task=NAME)"
-                )
-            records = read_split(str(folder), split)
-            digest = fingerprint_file(path)
+        records, digest = read_stage_split(
+            data,
+            split,
+            "give multitask prep output folders (alignpipe prep INPUT --output DIR task=NAME)",
+        )
         for record in records:
             task = record.get("task") if "messages" in record else None
             if not task:
@@ -199,7 +195,7 @@ def load_tasks(
             messages = _with_prefix(record["messages"], task) if prefix else record["messages"]
             by_task.setdefault(task, []).append({"messages": messages})
         if tracker is not None:
-            uri = f"{data.rstrip('/')}/{split}.parquet"
+            uri = split_uri(data, split)
             tracker.log_dataset(f"conversation-{split}", uri, digest, split, len(records))
     if not by_task:
         raise DataError(f"the {split} splits of {', '.join(folders)} are empty; prep more data")

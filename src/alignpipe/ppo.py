@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from alignpipe import evaluate, models, rl, storage
+from alignpipe import evaluate, models, rl
 from alignpipe.config import flatten, option
-from alignpipe.data.build import read_split
+from alignpipe.data.build import read_stage_split, split_uri
 from alignpipe.errors import ConfigError, DataError
 from alignpipe.models import PeftOptions
-from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
+from alignpipe.tracking import NullTracker, Tracker
 from alignpipe.training import (
     CHECKPOINT_DIR,
     CheckpointStore,
@@ -317,15 +317,11 @@ def load_prompts(data: str, split: str, tracker: Tracker | None = None) -> list[
     Raises:
         DataError: The split is missing or holds no prompts.
     """
-    with storage.local_path(data) as folder:
-        path = Path(folder) / f"{split}.parquet"
-        if not path.is_file():
-            raise DataError(
-                f"{data} holds no {split}.parquet; give ppo the output folder of the ingest "
-                "stage (alignpipe ingest INPUT --output DIR)"
-            )
-        records = read_split(str(folder), split)
-        digest = fingerprint_file(path)
+    records, digest = read_stage_split(
+        data,
+        split,
+        "give ppo the output folder of the ingest stage (alignpipe ingest INPUT --output DIR)",
+    )
     with_prompts = [{"prompt": _prompt_of(r, data)} for r in records]
     prompts = evaluate.distinct_prompts(with_prompts, len(with_prompts))
     if not prompts:
@@ -335,7 +331,7 @@ def load_prompts(data: str, split: str, tracker: Tracker | None = None) -> list[
         )
     log.info("ppo: %d distinct %s prompts from %s", len(prompts), split, data)
     if tracker is not None:
-        uri = f"{data.rstrip('/')}/{split}.parquet"
+        uri = split_uri(data, split)
         tracker.log_dataset(f"prompts-{split}", uri, digest, split, len(records))
     return prompts
 

@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from alignpipe import models, storage
+from alignpipe import models
 from alignpipe.config import flatten, option
-from alignpipe.data.build import read_split
 from alignpipe.data.records import message
 from alignpipe.errors import ConfigError, DataError, ModelError
 from alignpipe.models import PeftOptions
-from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
+from alignpipe.tracking import NullTracker, Tracker
 from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
     checkpoint_callbacks,
+    load_preference_pairs,
     local_output,
     pair_trainer_metrics,
     quiet_printing,
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 # What the held-out pairs give, before and after training (see _held_out).
 EVAL_METRICS = ("accuracy", "margin", "loss")
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 Messages = list[dict[str, str]]
 
 
@@ -353,49 +352,11 @@ def _pad_token_id(model: Any, ref: str) -> int:
 
 
 def load_pairs(data: str, split: str, tracker: Tracker | None = None) -> Dataset | None:
-    """Read one split of an ingest output folder: ``prompt``, ``chosen``, ``rejected``, ``margin``.
+    """Read one split of an ingest output folder, with each pair's ``margin`` (or None).
 
-    Args:
-        data: The ingest stage's output folder (local or ``s3://``).
-        split: ``train`` or ``eval``.
-        tracker: Gets the split's fingerprint and row count as a dataset input.
-
-    Returns:
-        A ``Dataset`` of message lists and the margin (None where the source had none); None for
-        an empty eval split (the stage then reports no held-out metrics).
-
-    Raises:
-        DataError: The split is missing, holds records other than preference pairs, or is the
-            train split and empty.
+    See :func:`alignpipe.training.load_preference_pairs`: None for an empty eval split.
     """
-    from datasets import Dataset
-
-    # one download of the folder serves reading and fingerprinting
-    with storage.local_path(data) as folder:
-        path = Path(folder) / f"{split}.parquet"
-        if not path.is_file():
-            raise DataError(
-                f"{data} holds no {split}.parquet; give reward_model the output folder of the "
-                "ingest stage (alignpipe ingest INPUT --output DIR)"
-            )
-        records = read_split(str(folder), split)
-        digest = fingerprint_file(path)
-    if records and not all(field in records[0] for field in PAIR_FIELDS):
-        raise DataError(
-            f"{data}/{split}.parquet holds {', '.join(records[0])} records, not preference "
-            "pairs; reward_model trains on the ingest stage's output"
-        )
-    if not records:
-        if split == "eval":
-            log.warning("reward_model: the eval split of %s is empty; no held-out metrics", data)
-            return None
-        raise DataError(f"the train split of {data} is empty; ingest more preference data")
-    log.info("reward_model: %d %s pairs from %s", len(records), split, data)
-    if tracker is not None:
-        uri = f"{data.rstrip('/')}/{split}.parquet"
-        tracker.log_dataset(f"preference-{split}", uri, digest, split, len(records))
-    rows = [{k: r[k] for k in PAIR_FIELDS} | {"margin": r.get("margin")} for r in records]
-    return Dataset.from_list(rows)
+    return load_preference_pairs(data, split, "reward_model", tracker, extra=("margin",))
 
 
 def load_model(config: RewardModelStageConfig) -> tuple[Any, PreTrainedTokenizerBase]:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from alignpipe import models, storage
+from alignpipe import models
 from alignpipe.config import flatten, option
-from alignpipe.data.build import read_split
+from alignpipe.data.build import read_stage_split, split_uri
 from alignpipe.errors import ConfigError, DataError
-from alignpipe.tracking import NullTracker, Tracker, fingerprint_file
+from alignpipe.tracking import NullTracker, Tracker
 from alignpipe.training import (
     ModelStageOptions,
     TrainResult,
@@ -148,16 +148,11 @@ def load_conversations(data: str, split: str, tracker: Tracker | None = None) ->
     """
     from datasets import Dataset
 
-    # one download of the folder serves reading and fingerprinting
-    with storage.local_path(data) as folder:
-        path = Path(folder) / f"{split}.parquet"
-        if not path.is_file():
-            raise DataError(
-                f"{data} holds no {split}.parquet; give sft the output folder of the prep stage "
-                "(alignpipe prep INPUT --output DIR)"
-            )
-        records = read_split(str(folder), split)
-        digest = fingerprint_file(path)
+    records, digest = read_stage_split(
+        data,
+        split,
+        "give sft the output folder of the prep stage (alignpipe prep INPUT --output DIR)",
+    )
     if records and "messages" not in records[0]:
         raise DataError(
             f"{data}/{split}.parquet holds {', '.join(records[0])} records, not conversations; "
@@ -170,7 +165,7 @@ def load_conversations(data: str, split: str, tracker: Tracker | None = None) ->
         )
     log.info("%d %s conversations from %s", len(records), split, data)
     if tracker is not None:
-        uri = f"{data.rstrip('/')}/{split}.parquet"
+        uri = split_uri(data, split)
         tracker.log_dataset(f"conversation-{split}", uri, digest, split, len(records))
     return Dataset.from_list([{"messages": r["messages"]} for r in records])
 

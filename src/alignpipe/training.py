@@ -561,3 +561,58 @@ def pair_trainer_metrics(
         }
     )
     return metrics
+
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def load_preference_pairs(
+    data: str,
+    split: str,
+    stage: str,
+    tracker: Any = None,
+    extra: tuple[str, ...] = (),
+) -> Any:
+    """Read one split of an ingest output folder as a ``datasets.Dataset`` of message lists.
+
+    Args:
+        data: The ingest stage's output folder (local or ``s3://``).
+        split: ``train`` or ``eval``.
+        stage: The stage reading it, for messages.
+        tracker: Gets the split's fingerprint and row count as a dataset input.
+        extra: Optional columns to keep besides ``prompt``/``chosen``/``rejected`` (None where
+            a record lacks them), e.g. ``margin``.
+
+    Returns:
+        The pairs; None for an empty eval split (the stage then reports no held-out metrics).
+
+    Raises:
+        DataError: The split is missing, holds records other than preference pairs, or is
+            the train split and empty.
+    """
+    from datasets import Dataset
+
+    from alignpipe.data.build import read_stage_split, split_uri
+    from alignpipe.errors import DataError
+
+    records, digest = read_stage_split(
+        data,
+        split,
+        f"give {stage} the output folder of the ingest stage (alignpipe ingest INPUT --output DIR)",
+    )
+    if records and not all(field in records[0] for field in PAIR_FIELDS):
+        raise DataError(
+            f"{data}/{split}.parquet holds {', '.join(records[0])} records, not preference "
+            f"pairs; {stage} trains on the ingest stage's output"
+        )
+    if not records:
+        if split == "eval":
+            log.warning("%s: the eval split of %s is empty; no held-out metrics", stage, data)
+            return None
+        raise DataError(f"the train split of {data} is empty; ingest more preference data")
+    log.info("%s: %d %s pairs from %s", stage, len(records), split, data)
+    if tracker is not None:
+        uri = split_uri(data, split)
+        tracker.log_dataset(f"preference-{split}", uri, digest, split, len(records))
+    fields = (*PAIR_FIELDS, *extra)
+    return Dataset.from_list([{k: r.get(k) for k in fields} for r in records])

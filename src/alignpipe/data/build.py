@@ -242,6 +242,26 @@ def read_split(folder: str, split: str = "train") -> list[dict[str, Any]]:
         return pq.read_table(path).to_pylist()
 
 
+def read_stage_split(data: str, split: str, missing: str) -> tuple[list[dict[str, Any]], str]:
+    """The records of one split of a stage's data folder, and the split file's fingerprint.
+
+    One download of ``data`` (a folder or ``s3://`` prefix) serves both. ``missing`` finishes
+    the error for a folder without the split: what the stage wants instead.
+    """
+    from alignpipe.tracking import fingerprint_file
+
+    with storage.local_path(data) as folder:
+        path = Path(folder) / f"{split}.parquet"
+        if not path.is_file():
+            raise DataError(f"{data} holds no {split}.parquet; {missing}")
+        return read_split(str(folder), split), fingerprint_file(path)
+
+
+def split_uri(data: str, split: str) -> str:
+    """Where a split lives, as logged with its fingerprint (the folder as given, not a copy)."""
+    return f"{data.rstrip('/')}/{split}.parquet"
+
+
 def _text_fields(record: dict, shape: Shape) -> list:
     fields = {
         "conversation": ("messages",),
