@@ -9,6 +9,8 @@ that are fixed at compile time come from ``$ALIGNPIPE_CLUSTER_CONFIG`` (see
 from __future__ import annotations
 
 import argparse
+import builtins
+import contextlib
 import os
 import sys
 import tempfile
@@ -45,7 +47,24 @@ def run_local(name: str, arguments: dict, pipeline_root: Path) -> None:
         pipeline_root=str(pipeline_root.resolve()),
         raise_on_error=True,
     )
-    PIPELINES[name](**arguments)
+    with print_kept():
+        PIPELINES[name](**arguments)
+
+
+@contextlib.contextmanager
+def print_kept():
+    """Put back ``builtins.print`` as it was, whatever a kfp.local run did to it.
+
+    kfp.local indents a task's streamed logs by swapping ``builtins.print`` for an indenting one
+    and restoring it afterwards. Tasks that run in parallel threads (two branches of a pipeline)
+    restore out of order, and the indenting print outlives the run: every later ``print`` in the
+    process would start with four spaces.
+    """
+    kept = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = kept
 
 
 def upload(name: str, host: str | None, version: str | None) -> int:

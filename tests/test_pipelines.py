@@ -1,10 +1,14 @@
 """Every pipeline compiles, with every stage, GPU requests on GPU stages and no secrets."""
 
+import builtins
+import threading
+
 import pytest
 import yaml
+from kfp.local import logging_utils
 
 from pipelines import PIPELINES
-from pipelines.__main__ import compile_all
+from pipelines.__main__ import compile_all, print_kept
 
 SECRET_VALUES = {
     "AWS_SECRET_ACCESS_KEY": "s3cr3t-aws-value-123",
@@ -136,3 +140,33 @@ def test_training_tasks_know_the_run_id_and_keep_checkpoints_locally_by_default(
         assert "checkpoint_root" not in parameters, task_name
         run_id = parameters["kfp_run_id"]["runtimeValue"]["constant"]
         assert run_id == "{{$.pipeline_job_uuid}}", task_name
+
+
+def test_a_local_run_with_parallel_tasks_leaves_print_as_it_was(capsys):
+    """Two kfp.local tasks in threads: the first to start ends first, as a short branch does."""
+    original = builtins.print
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first_task():
+        with logging_utils.indented_print():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second_task():
+        first_in.wait(10)
+        with logging_utils.indented_print():
+            second_in.set()
+            first_out.wait(10)
+
+    with print_kept():
+        threads = [threading.Thread(target=first_task), threading.Thread(target=second_task)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        print("inside")  # kfp.local's indenting print outlived both tasks
+    print("after")
+
+    assert builtins.print is original
+    assert capsys.readouterr().out.splitlines() == ["    inside", "after"]
