@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -434,6 +435,35 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(task: Path, sft_model: st
     assert result.metrics["train_tokens"] == pair_tokens(sft_model, train)
     assert result.metrics["eval_rewards/accuracies"] > 0.6
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_lora_run_killed_after_its_last_checkpoint_trains_no_step_past_max_steps(
+    task: Path, sft_model: str
+) -> None:
+    """The retry loads the adapter of checkpoint-2 of 2 and reports no loss of its own."""
+    from safetensors.torch import load_file
+
+    out = task / "finished"
+    config = dpo_config(
+        sft_model,
+        "training.max_steps=2",
+        "training.save_steps=2",
+        "training.lr_scheduler=constant",
+        "training.learning_rate=1e-2",
+    )
+    first = dpo.run(config, str(task / "prefs"), str(out))
+    trained = load_file(Path(first.model_dir) / "model.safetensors")
+    shutil.rmtree(first.model_dir)
+
+    again = dpo.run(config, str(task / "prefs"), str(out))
+
+    assert again.resumed_from == str(out / "checkpoints" / "checkpoint-2")
+    assert (again.metrics["global_step"], again.metrics["resumed_from_step"]) == (2, 2)
+    assert "train_loss" in first.metrics and "train_loss" not in again.metrics
+    assert again.metrics["train_tokens"] == first.metrics["train_tokens"]
+    reloaded = load_file(Path(again.model_dir) / "model.safetensors")
+    assert all(torch.equal(reloaded[name], trained[name]) for name in trained)
+    assert again.metrics["eval_loss"] == pytest.approx(first.metrics["eval_loss"], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

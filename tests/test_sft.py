@@ -410,6 +410,40 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_tokenizer_dir, data_
     assert result.metrics["eval_loss"] == pytest.approx(fresh.metrics["eval_loss"], rel=1e-4)
 
 
+def test_a_run_killed_after_its_last_checkpoint_trains_no_step_past_max_steps(
+    tiny_tokenizer_dir, data_dir, tmp_path
+):
+    """The pod died after saving checkpoint-4 of 4, before its model: the retry trains nothing."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    config = make_config(
+        tiny_tokenizer_dir,
+        training__max_steps=4,
+        training__save_steps=2,
+        training__logging_steps=1,
+        training__lr_scheduler="constant",  # a step past the end would change the weights
+    )
+    first = sft.run(config, data_dir, str(out))
+    trained = load_file(Path(first.model_dir) / "model.safetensors")
+    shutil.rmtree(first.model_dir)
+
+    tracker = NullTracker()
+    again = sft.run(config, data_dir, str(out), tracker=tracker)
+
+    assert again.resumed_from == str(out / "checkpoints" / "checkpoint-4")
+    assert (again.metrics["global_step"], again.metrics["resumed_from_step"]) == (4, 4)
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert steps_of(tracker, "loss") == []  # no training step was logged
+    reloaded = load_file(Path(again.model_dir) / "model.safetensors")
+    assert reloaded.keys() == trained.keys()
+    assert all(torch.equal(reloaded[name], trained[name]) for name in trained)
+    assert again.metrics["eval_loss"] == pytest.approx(first.metrics["eval_loss"], rel=1e-6)
+
+
 # the shared runner, as the CLI and the KFP component call it
 
 

@@ -34,6 +34,7 @@ from alignpipe.training import (
     quiet_printing,
     resume_checkpoint,
     tracker_callback,
+    train_from,
     trainer_arguments,
 )
 
@@ -180,7 +181,7 @@ def run(
     resume = resume_checkpoint(out, config.training)
     log.info("training %d steps with %s (before: %s)", config.training.max_steps, loss, initial)
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=resume)
+    train_from(trainer, resume)
     seconds = time.monotonic() - started
     final = evaluate_encoder(encoder, eval_rows, config)
 

@@ -31,6 +31,7 @@ from alignpipe.training import (
     resume_checkpoint,
     save_stage_model,
     tracker_callback,
+    train_from,
     trainer_arguments,
 )
 
@@ -170,12 +171,12 @@ def run(
     initial = _held_out(trainer)
     log.info("dpo: training %d steps (%s loss)", config.training.max_steps, config.loss_type)
     started = time.monotonic()
-    trained = trainer.train(resume_from_checkpoint=resume)
+    train_loss = train_from(trainer, resume)
     seconds = time.monotonic() - started
     final = _held_out(trainer)
 
     # log
-    metrics = pair_trainer_metrics(trainer, trained.training_loss, initial, final, seconds, resume)
+    metrics = pair_trainer_metrics(trainer, train_loss, initial, final, seconds, resume)
     tracker.log_metrics(metrics, step=trainer.state.global_step)
     tracker.log_dict(metrics, METRICS_FILE)
     if resume:

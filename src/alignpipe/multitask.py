@@ -30,6 +30,7 @@ from alignpipe.training import (
     perplexity,
     resume_checkpoint,
     save_stage_model,
+    train_from,
 )
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ def run(
     initial = held_out(trainer, everything, list(evals))
     log.info("multitask: training %d steps on %s", config.training.max_steps, probabilities)
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=resume)
+    train_from(trainer, resume)
     seconds = time.monotonic() - started
     final = held_out(trainer, everything, list(evals))
 

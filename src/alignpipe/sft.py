@@ -30,6 +30,7 @@ from alignpipe.training import (
     resume_checkpoint,
     save_stage_model,
     tracker_callback,
+    train_from,
     trainer_arguments,
 )
 
@@ -117,7 +118,7 @@ def run(
     initial = trainer.evaluate()["eval_loss"]
     log.info("training %d steps (initial eval loss %.4f)", config.training.max_steps, initial)
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=resume)
+    train_from(trainer, resume)
     seconds = time.monotonic() - started
     final = trainer.evaluate()["eval_loss"]
 

@@ -266,6 +266,27 @@ def resume_checkpoint(
     return find(output)
 
 
+def train_from(trainer: Any, resume: str | None) -> float | None:
+    """Train with ``trainer`` from ``resume`` (or from the start); the mean loss of the steps run.
+
+    A checkpoint already at ``max_steps`` (the pod was killed after its last save) is loaded,
+    not trained from: transformers' loop takes a step before it checks ``max_steps``, so
+    resuming from the last checkpoint would train one step more than asked. Then no step runs
+    and the mean loss is None.
+    """
+    if resume is None or checkpoint_step(resume) < trainer.args.max_steps:
+        return trainer.train(resume_from_checkpoint=resume).training_loss
+    from transformers import TrainerState
+
+    log.info(
+        "the checkpoint is at max_steps (%d): loading it, no step left to train",
+        trainer.args.max_steps,
+    )
+    trainer._load_from_checkpoint(resume)  # what train() does with a checkpoint to resume from
+    trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    return None
+
+
 def checkpoint_store(options: TrainingOptions) -> CheckpointStore | None:
     """The store of ``options.checkpoint_uri``, pruned to ``save_total_limit``; None if unset."""
     if options.checkpoint_uri is None:
@@ -536,7 +557,7 @@ def save_stage_model(config: ModelStageOptions, model: Any, tokenizer: Any, outp
 
 def pair_trainer_metrics(
     trainer: Any,
-    train_loss: float,
+    train_loss: float | None,
     initial: dict[str, float],
     final: dict[str, float],
     seconds: float,
@@ -545,14 +566,16 @@ def pair_trainer_metrics(
     """The metrics of a stage trained on preference pairs (DPO, the reward model).
 
     Held-out measures as ``eval_<name>`` and ``eval_<name>_initial``, then the run's cost.
+    ``train_loss`` is the mean over the steps this process ran (after a resume: since the
+    checkpoint), left out when it ran none.
     """
     state = trainer.state
     metrics = {f"eval_{name}": value for name, value in final.items()}
     metrics.update({f"eval_{name}_initial": value for name, value in initial.items()})
+    if train_loss is not None:
+        metrics["train_loss"] = float(train_loss)
     metrics.update(
         {
-            # mean over the steps this process ran (after a resume: since the checkpoint)
-            "train_loss": float(train_loss),
             # non-padding tokens of prompt + chosen and prompt + rejected, over the whole run
             "train_tokens": float(state.num_input_tokens_seen),
             "train_seconds": seconds,
