@@ -47,15 +47,29 @@ def test_one_process_per_gpu_for_the_data_parallel_stages_only(caplog):
             local_processes("sft", env={PROCESSES_ENV: bad}, device_count=0)
 
 
+SFT = {
+    "peft.method": "none",
+    "max_length": 128,
+    "training.num_threads": 1,
+    "training.precision": "fp32",
+    "training.batch_size": 8,
+    "training.learning_rate": 3e-3,
+}
+
+
+def sft_data(root: Path) -> Path:
+    task = synthetic.write_task(
+        synthetic.SyntheticTaskOptions(num_sft=200, num_prompts=10, num_pairs=20), root
+    )
+    prep.run(prep.PrepConfig(), [str(task["sft"])], str(root / "data"))
+    return root / "data"
+
+
 @pytest.mark.slow
 def test_sft_runs_on_two_ranks_and_tracks_once(tiny_tokenizer_dir, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    task = synthetic.write_task(
-        synthetic.SyntheticTaskOptions(num_sft=200, num_prompts=10, num_pairs=20), tmp_path
-    )
-    data = tmp_path / "data"
-    prep.run(prep.PrepConfig(), [str(task["sft"])], str(data))
+    data = sft_data(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_pipeline_run(uri, "multiprocess")
     out = tmp_path / "out"
@@ -66,13 +80,8 @@ def test_sft_runs_on_two_ranks_and_tracks_once(tiny_tokenizer_dir, tmp_path, mon
         str(data),
         str(out),
         overrides={
+            **SFT,
             "model": str(tiny_tokenizer_dir),
-            "peft.method": "none",
-            "max_length": 128,
-            "training.num_threads": 1,
-            "training.precision": "fp32",
-            "training.batch_size": 8,
-            "training.learning_rate": 3e-3,
             "training.max_steps": 10,
             "training.logging_steps": 5,
             "training.save_steps": 10,
@@ -105,3 +114,40 @@ def test_sft_runs_on_two_ranks_and_tracks_once(tiny_tokenizer_dir, tmp_path, mon
     assert child.info.status == "FINISHED"
     assert child.data.metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"])
     assert child.data.metrics["peak_rss_mb"] > 0  # rank 0's own peak
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_ranks_resume_from_one_download_of_the_stored_checkpoint(
+    tiny_tokenizer_dir, tmp_path, monkeypatch, capfd, s3_env
+):
+    """A retried two-GPU pod: its empty output is filled once, by the node's main process."""
+    data = sft_data(tmp_path)
+    overrides = {
+        **SFT,
+        "model": str(tiny_tokenizer_dir),
+        "training.lr_scheduler": "constant",
+        "training.logging_steps": 5,
+        "training.save_steps": 5,
+        "training.checkpoint_uri": f"{s3_env}/checkpoints/run-1/sft",
+    }
+    monkeypatch.setenv(PROCESSES_ENV, "2")
+    # the first attempt stored checkpoint-5; its pod (and output folder) is gone
+    run_stage(
+        "sft", str(data), str(tmp_path / "first"), overrides={**overrides, "training.max_steps": 5}
+    )
+    capfd.readouterr()
+
+    out = tmp_path / "retry"
+    result = run_stage(
+        "sft", str(data), str(out), overrides={**overrides, "training.max_steps": 10}
+    )
+
+    captured = capfd.readouterr()
+    logs = captured.out + captured.err
+    assert logs.count("downloaded the checkpoint of step 5") == 1, logs[-3000:]
+    assert (result.metrics["resumed_from_step"], result.metrics["global_step"]) == (5, 10)
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-10",
+        "checkpoint-5",
+    ]

@@ -178,7 +178,7 @@ def run(
     trainer = build_trainer(config, encoder, train_set, loss, out, tracker)
 
     # train
-    resume = resume_checkpoint(out, config.training)
+    resume = resume_checkpoint(out, config.training, ranks=trainer.args)
     log.info("training %d steps with %s (before: %s)", config.training.max_steps, loss, initial)
     started = time.monotonic()
     train_from(trainer, resume)

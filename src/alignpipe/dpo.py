@@ -167,7 +167,7 @@ def run(
     trainer = build_trainer(config, policy, tokenizer, train_set, eval_set, out, tracker)
 
     # score the held-out pairs before training: the baseline the stage must beat
-    resume = resume_checkpoint(out, config.training)
+    resume = resume_checkpoint(out, config.training, ranks=trainer.args)
     initial = _held_out(trainer)
     log.info("dpo: training %d steps (%s loss)", config.training.max_steps, config.loss_type)
     started = time.monotonic()

@@ -139,7 +139,7 @@ def run(
     everything = _concatenate(list(evals.values()))
 
     # train between two measurements of every task's eval loss
-    resume = resume_checkpoint(out, config.training)
+    resume = resume_checkpoint(out, config.training, ranks=trainer.args)
     initial = held_out(trainer, everything, list(evals))
     log.info("multitask: training %d steps on %s", config.training.max_steps, probabilities)
     started = time.monotonic()

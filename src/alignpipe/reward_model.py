@@ -140,7 +140,7 @@ def run(
     trainer = build_trainer(config, model, tokenizer, train_set, eval_set, out, tracker)
 
     # score the held-out pairs before training: a random head ranks them by chance
-    resume = resume_checkpoint(out, config.training)
+    resume = resume_checkpoint(out, config.training, ranks=trainer.args)
     initial = _held_out(trainer)
     log.info("reward_model: training %d steps", config.training.max_steps)
     started = time.monotonic()

@@ -114,7 +114,7 @@ def run(
     trainer = build_trainer(config, model, tokenizer, train_set, eval_set, out, tracker)
 
     # train; the eval loss before training is the baseline the stage must beat
-    resume = resume_checkpoint(out, config.training)
+    resume = resume_checkpoint(out, config.training, ranks=trainer.args)
     initial = trainer.evaluate()["eval_loss"]
     log.info("training %d steps (initial eval loss %.4f)", config.training.max_steps, initial)
     started = time.monotonic()

@@ -11,6 +11,7 @@ function), so that a retried cluster pod, which starts with an empty output fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -238,6 +239,7 @@ def resume_checkpoint(
     output_dir: str | Path,
     options: TrainingOptions,
     find: Callable[[Path], str | None] = last_checkpoint,
+    ranks: Any = None,
 ) -> str | None:
     """The checkpoint a run resumes from: the newest in the output, else the newest stored.
 
@@ -252,18 +254,27 @@ def resume_checkpoint(
         options: The run's training options.
         find: The stage's finder of the newest complete local checkpoint (the TRL stages'
             :func:`last_checkpoint` by default; PPO has its own).
+        ranks: The trainer's ``TrainingArguments`` when the stage may run on several ranks:
+            then each node's main process looks (and downloads) first, and the node's other
+            ranks wait for it and find its copy, rather than all downloading into one folder.
 
     Raises:
         StorageError: The store cannot be read, or a download failed.
     """
     output = Path(output_dir)
-    store = checkpoint_store(options)
-    stored = store.complete() if store is not None else []
-    local = find(output)
-    if local is not None or store is None or not stored:
-        return local
-    store.download(stored[-1][1], output / CHECKPOINT_DIR)
-    return find(output)
+    first = (
+        ranks.main_process_first(local=True, desc="checkpoint lookup")
+        if ranks is not None
+        else contextlib.nullcontext()
+    )
+    with first:
+        store = checkpoint_store(options)
+        stored = store.complete() if store is not None else []
+        local = find(output)
+        if local is not None or store is None or not stored:
+            return local
+        store.download(stored[-1][1], output / CHECKPOINT_DIR)
+        return find(output)
 
 
 def train_from(trainer: Any, resume: str | None) -> float | None:
