@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import preference_stages
 import pytest
 import torch
 
-from alignpipe import dpo, ingest, models, prep, sft, synthetic, training
+from alignpipe import dpo, models, synthetic, training
 from alignpipe.config import load_config
 from alignpipe.data.build import read_split
 from alignpipe.errors import ConfigError, DataError
@@ -36,41 +33,18 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     3000 voted pairs leave about 2400 after ties and duplicates; 10% of the prompts are held
     out (about 50 distinct ones), so the eval pairs ask prompts that DPO never trains on.
     """
-    root = tmp_path_factory.mktemp("dpo-task")
-    options = synthetic.SyntheticTaskOptions(num_sft=3000, num_pairs=3000, num_prompts=8)
-    files = synthetic.write_task(options, root / "task")
-    ingest.run(ingest.IngestConfig(), [str(files["votes"])], str(root / "prefs"))
-    prep.run(prep.PrepConfig(), [str(files["sft"])], str(root / "sft-data"))
-    return root
+    return preference_stages.write_task(tmp_path_factory.mktemp("dpo-task"), num_pairs=3000)
 
 
 @pytest.fixture(scope="module")
 def sft_model(task: Path) -> str:
     """A tiny model SFT-trained on the task by the sft stage; its output folder is the ref.
 
-    The vocabulary is large enough (1024 asked, under 600 used) for every item of the task to be
-    one token, so that a preference between items is a preference between tokens. About 8
-    epochs of SFT: enough for the model to answer in the task's format, while it still repeats
-    items and mixes categories the way the noisy demonstrations do, which leaves DPO room.
+    About 8 epochs of SFT: enough for the model to answer in the task's format, while it still
+    repeats items and mixes categories the way the noisy demonstrations do, which leaves DPO
+    room.
     """
-    texts = synthetic.corpus(synthetic.SyntheticTaskOptions(num_sft=200, num_pairs=50))
-    models.build_tiny_model(texts, models.TinyModelOptions(vocab_size=1024), str(task / "tiny"))
-    config = load_config(
-        sft.SftStageConfig,
-        None,
-        [
-            f"model={task / 'tiny'}",
-            "peft.method=none",
-            "max_length=64",
-            "training.max_steps=800",
-            "training.learning_rate=3e-3",
-            "training.lr_scheduler=constant",
-            "training.batch_size=32",
-            *QUIET,
-        ],
-    )
-    sft.run(config, str(task / "sft-data"), str(task / "sft"))
-    return str(task / "sft")
+    return preference_stages.sft_tiny_model(task, max_steps=800, overrides=QUIET)
 
 
 def dpo_config(model: str, *overrides: str) -> dpo.DpoStageConfig:
@@ -397,30 +371,11 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(task: Path, sft_model: st
         "training.learning_rate=2e-3",
         "training.logging_steps=1000",
     ]
-    script = (
-        "import sys\n"
-        "from alignpipe import dpo\n"
-        "from alignpipe.config import load_config\n"
-        "config = load_config(dpo.DpoStageConfig, None, sys.argv[3:])\n"
-        "dpo.run(config, sys.argv[1], sys.argv[2])\n"
+    checkpoint = preference_stages.kill_at_first_checkpoint(
+        "dpo", "DpoStageConfig", task / "prefs", out, overrides, training.last_checkpoint
     )
-    command = [sys.executable, "-c", script, str(task / "prefs"), str(out), *overrides]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while training.last_checkpoint(out) is None:
-            if process.poll() is not None:
-                pytest.fail(f"the run ended before its first checkpoint: {process.stderr.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("no checkpoint within 180 s")
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    checkpoint = training.last_checkpoint(out)
-    step = int(Path(checkpoint).name.split("-")[1])
+    step = training.checkpoint_step(checkpoint)
     assert 10 <= step < steps and step % 10 == 0
-    assert not (out / "model").exists()  # killed mid-run: nothing saved yet
 
     tracker = NullTracker()
     result = dpo.run(

@@ -8,32 +8,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import preference_stages
 import pytest
-import torch
 
-from alignpipe import evaluate, ingest, prep, sft, synthetic
+from alignpipe import evaluate, sft
 from alignpipe.config import load_config
 from alignpipe.errors import ConfigError, DataError
 
 K = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("few-shot")
-    options = synthetic.SyntheticTaskOptions(num_sft=400, num_pairs=150, num_prompts=10)
-    files = synthetic.write_task(options, root / "task")
-    prep.run(prep.PrepConfig(), [str(files["sft"])], str(root / "sft-data"))
-    ingest.run(ingest.IngestConfig(eval_fraction=0.3), [str(files["votes"])], str(root / "prefs"))
-    return root
+    return preference_stages.write_task(
+        tmp_path_factory.mktemp("few-shot"),
+        num_pairs=150,
+        num_sft=400,
+        num_prompts=10,
+        eval_fraction=0.3,
+    )
 
 
 def fine_tune(start: str, data: Path, output: Path, steps: int) -> str:

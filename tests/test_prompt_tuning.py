@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import preference_stages
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignpipe import dpo, evaluate, ingest, models, prep, sft, synthetic
+from alignpipe import dpo, evaluate, models, sft
 from alignpipe.config import load_config
 from alignpipe.errors import ConfigError
 
@@ -35,23 +36,15 @@ TRAINING = {
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Conversations (``sft-data``) and preference pairs (``prefs``) of the synthetic task."""
-    root = tmp_path_factory.mktemp("prompt-tuning")
-    options = synthetic.SyntheticTaskOptions(num_sft=300, num_pairs=300, num_prompts=10)
-    files = synthetic.write_task(options, root / "task")
-    prep.run(prep.PrepConfig(), [str(files["sft"])], str(root / "sft-data"))
-    ingest.run(ingest.IngestConfig(), [str(files["votes"])], str(root / "prefs"))
-    return root
+    return preference_stages.write_task(
+        tmp_path_factory.mktemp("prompt-tuning"), num_pairs=300, num_sft=300, num_prompts=10
+    )
 
 
 def config(cls: type, model: Path, steps: int) -> object:

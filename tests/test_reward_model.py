@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 import math
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
+import preference_stages
 import pytest
 import torch
 
-from alignpipe import evaluate, ingest, models, prep, sft, synthetic, training
+from alignpipe import evaluate, models, synthetic, training
 from alignpipe import reward_model as rm
 from alignpipe.config import load_config
 from alignpipe.data.build import read_split
@@ -52,40 +49,18 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pairs (about 440) ask prompts the reward model never trains on. With half as many pairs the
     held-out accuracy stops near 0.7: the model learns the training prompts instead.
     """
-    root = tmp_path_factory.mktemp("rm-task")
-    options = synthetic.SyntheticTaskOptions(num_sft=3000, num_pairs=6000, num_prompts=8)
-    files = synthetic.write_task(options, root / "task")
-    ingest.run(ingest.IngestConfig(), [str(files["votes"])], str(root / "prefs"))
-    prep.run(prep.PrepConfig(), [str(files["sft"])], str(root / "sft-data"))
-    return root
+    return preference_stages.write_task(tmp_path_factory.mktemp("rm-task"), num_pairs=6000)
 
 
 @pytest.fixture(scope="module")
 def sft_model(task: Path) -> str:
     """A tiny model SFT-trained on the task by the sft stage; its output folder is the ref.
 
-    Every item of the task is one token (vocabulary 1024 asked). 400 SFT steps matter: from the
-    model after 200 steps, the reward model stays near chance for hundreds of steps, since it
-    starts from embeddings that do not yet group the items by category.
+    400 SFT steps matter: from the model after 200 steps, the reward model stays near chance for
+    hundreds of steps, since it starts from embeddings that do not yet group the items by
+    category.
     """
-    texts = synthetic.corpus(synthetic.SyntheticTaskOptions(num_sft=200, num_pairs=50))
-    models.build_tiny_model(texts, models.TinyModelOptions(vocab_size=1024), str(task / "tiny"))
-    config = load_config(
-        sft.SftStageConfig,
-        None,
-        [
-            f"model={task / 'tiny'}",
-            "peft.method=none",
-            "max_length=64",
-            "training.max_steps=400",
-            "training.learning_rate=3e-3",
-            "training.lr_scheduler=constant",
-            "training.batch_size=32",
-            *QUIET,
-        ],
-    )
-    sft.run(config, str(task / "sft-data"), str(task / "sft"))
-    return str(task / "sft")
+    return preference_stages.sft_tiny_model(task, max_steps=400, overrides=QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -555,30 +530,16 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(task: Path, sft_model: st
         "training.logging_steps=1000",
         "training.num_threads=1",
     ]
-    script = (
-        "import sys\n"
-        "from alignpipe import reward_model\n"
-        "from alignpipe.config import load_config\n"
-        "config = load_config(reward_model.RewardModelStageConfig, None, sys.argv[3:])\n"
-        "reward_model.run(config, sys.argv[1], sys.argv[2])\n"
+    checkpoint = preference_stages.kill_at_first_checkpoint(
+        "reward_model",
+        "RewardModelStageConfig",
+        task / "prefs",
+        out,
+        overrides,
+        training.last_checkpoint,
     )
-    command = [sys.executable, "-c", script, str(task / "prefs"), str(out), *overrides]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while training.last_checkpoint(out) is None:
-            if process.poll() is not None:
-                pytest.fail(f"the run ended before its first checkpoint: {process.stderr.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("no checkpoint within 180 s")
-            time.sleep(0.02)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    checkpoint = training.last_checkpoint(out)
-    step = int(Path(checkpoint).name.split("-")[1])
+    step = training.checkpoint_step(checkpoint)
     assert 10 <= step < steps and step % 10 == 0
-    assert not (out / "model").exists()  # killed mid-run: nothing saved yet
 
     tracker = NullTracker()
     config = load_config(rm.RewardModelStageConfig, None, overrides)
