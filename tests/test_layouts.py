@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,13 +22,17 @@ from alignpipe.errors import DataError
 FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
 
 
-def shared_data(relative: str) -> str:
-    """A real sample from the shared data folder next to the repository (see its SOURCES.md)."""
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
-    path = Path(os.environ.get("ALIGNPIPE_SAMPLE_DATA", default)) / relative
-    if not path.exists():
-        pytest.fail(f"{path} is missing; the real-data tests need the shared data folder")
-    return str(path)
+@pytest.fixture
+def shared_data(sample_data: Path):
+    """A real sample from the shared data folder (conftest's ``sample_data``; see SOURCES.md)."""
+
+    def path(relative: str) -> str:
+        found = sample_data / relative
+        if not found.exists():
+            pytest.fail(f"{found} is missing; the real-data tests need the shared data folder")
+        return str(found)
+
+    return path
 
 
 def load(path: str, layout_name: str | None = None, mapping=None):
@@ -64,7 +67,7 @@ def system(text: str) -> dict:
 # real data
 
 
-def test_hh_rlhf_sample():
+def test_hh_rlhf_sample(shared_data):
     layout, records, errors = load(shared_data("hh_rlhf_harmless_base/sample.jsonl.gz"))
 
     assert layout.name == "hh_rlhf"
@@ -99,7 +102,7 @@ def test_hh_rlhf_sample():
     assert (first["margin"], first["annotator"], first["source"]) == (None, None, None)
 
 
-def test_hh_rlhf_prompts_may_hold_two_assistant_turns_in_a_row():
+def test_hh_rlhf_prompts_may_hold_two_assistant_turns_in_a_row(shared_data):
     # line 764 of the sample: Human, Assistant, Assistant, Human, Assistant
     _, records, _ = load(shared_data("hh_rlhf_harmless_base/sample.jsonl.gz"), "hh_rlhf")
     record = dict(records)[764]
@@ -107,7 +110,7 @@ def test_hh_rlhf_prompts_may_hold_two_assistant_turns_in_a_row():
     assert [m["role"] for m in record["prompt"]] == ["user", "assistant", "assistant", "user"]
 
 
-def test_orca_openai_preference_sample():
+def test_orca_openai_preference_sample(shared_data):
     layout, records, errors = load(shared_data("orca_dpo_pairs_openai_format/validation.jsonl"))
 
     assert layout.name == "openai_preference"
@@ -122,7 +125,7 @@ def test_orca_openai_preference_sample():
     assert first["rejected"][0]["content"].startswith("Sure, I'd be happy to help!")
 
 
-def test_alpaca_sample():
+def test_alpaca_sample(shared_data):
     layout, records, errors = load(shared_data("alpaca_llamafactory/alpaca_en_demo.json"))
 
     assert layout.name == "alpaca"
@@ -140,7 +143,7 @@ def test_alpaca_sample():
     assert sixth["messages"][1]["content"].endswith("the perimeter of the triangle is 18 units.")
 
 
-def test_gsm8k_openai_chat_sample():
+def test_gsm8k_openai_chat_sample(shared_data):
     layout, records, errors = load(shared_data("gsm8k_chat_messages/chat_train.jsonl"))
 
     assert layout.name == "openai_chat"
@@ -156,7 +159,7 @@ def test_gsm8k_openai_chat_sample():
     assert messages[2]["content"].endswith("#### 72!!!")
 
 
-def test_sts_benchmark_sample():
+def test_sts_benchmark_sample(shared_data):
     layout, records, errors = load(shared_data("sts_benchmark/sts-train.csv"))
 
     assert layout.name == "sts"
