@@ -519,6 +519,25 @@ def test_options_load_from_yaml_with_dotted_overrides(tmp_path):
     )
 
 
+@pytest.mark.parametrize("wanted", [False, True])
+def test_gradient_checkpointing_reaches_the_trl_configs_under_its_new_name(wanted, tmp_path):
+    # TRL's configs default the deprecated gradient_checkpointing to True; the option must win
+    # over that default, reach transformers' activation_checkpointing, and raise no warning
+    import warnings
+
+    from trl import DPOConfig, RewardConfig, SFTConfig
+
+    from alignpipe.training import TrainingOptions, trainer_arguments
+
+    options = TrainingOptions(gradient_checkpointing=wanted, precision="fp32")
+    for config_class in (SFTConfig, DPOConfig, RewardConfig):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = config_class(**trainer_arguments(options, tmp_path))
+        assert args.activation_checkpointing is wanted, config_class.__name__
+        assert args.gradient_checkpointing is wanted, config_class.__name__
+
+
 def copy_with_template(source, dest, template):
     shutil.copytree(source, dest)
     config_path = dest / "tokenizer_config.json"

@@ -209,7 +209,9 @@ def trainer_arguments(options: TrainingOptions, output_dir: str | Path) -> dict[
         "data_seed": options.seed,
         "bf16": bf16,
         "fp16": fp16,
-        "gradient_checkpointing": options.gradient_checkpointing,
+        # transformers 5 renamed gradient_checkpointing; the old name, which TRL's configs still
+        # default to True, follows the new one when both are given (and warns when only it is)
+        "activation_checkpointing": options.gradient_checkpointing,
         "report_to": "none",
         "disable_tqdm": not _interactive(),
         "dataloader_num_workers": 0,
