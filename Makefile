@@ -44,7 +44,8 @@ compile: setup
 	$(BIN)/python -m pipelines compile --output compiled
 
 # Kubeflow: `make upload PIPELINE=dpo` uploads a new version (the git SHA unless VERSION=);
-# `make run PIPELINE=dpo PARAMS=file.yaml [WAIT=1]` starts a run of the newest (or VERSION).
+# `make run PIPELINE=dpo PARAMS=file.yaml [WAIT=1] [SERVICE_ACCOUNT=alignpipe-runner]` starts a
+# run of the newest (or VERSION).
 # The host is KFP_HOST, the token KFP_TOKEN; ALIGNPIPE_CLUSTER_CONFIG holds cluster settings.
 PIPELINE ?= dpo
 EXPERIMENT ?= alignpipe
@@ -58,7 +59,8 @@ upload: setup
 run: setup
 	@test -n "$(PARAMS)" || { echo "make run: set PARAMS=file.yaml (the run's arguments)" >&2; exit 2; }
 	$(BIN)/python -m pipelines run $(PIPELINE) --experiment $(EXPERIMENT) --params $(PARAMS) \
-	  $(KFP_ARGS) $(if $(WAIT),--wait --timeout $(WAIT_TIMEOUT))
+	  $(KFP_ARGS) $(if $(WAIT),--wait --timeout $(WAIT_TIMEOUT)) \
+	  $(if $(SERVICE_ACCOUNT),--service-account $(SERVICE_ACCOUNT))
 
 # Images (images/), tagged with the package version. components/__init__.py derives the same
 # names and reads ALIGNPIPE_IMAGE / ALIGNPIPE_GPU_IMAGE, exported here, so that

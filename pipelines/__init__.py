@@ -5,16 +5,29 @@
 ``kfp.local.SubprocessRunner``.
 """
 
-from pipelines.compare import compare_pipeline
-from pipelines.contrastive import contrastive_pipeline
-from pipelines.dpo import dpo_pipeline
-from pipelines.multitask import multitask_pipeline
-from pipelines.rlhf import rlhf_pipeline
+from __future__ import annotations
 
-PIPELINES = {
-    "dpo": dpo_pipeline,
-    "rlhf": rlhf_pipeline,
-    "compare": compare_pipeline,
-    "multitask": multitask_pipeline,
-    "contrastive": contrastive_pipeline,
+import importlib
+from typing import Any
+
+# KFP builds a graph when its module is imported, and the graphs read the cluster settings
+# (pipelines/resources.py). The modules are imported on the first use of PIPELINES rather than
+# with the package, so that a bad settings file is an error the CLI reports in one line.
+_DEFINED_IN = {
+    "dpo": ("pipelines.dpo", "dpo_pipeline"),
+    "rlhf": ("pipelines.rlhf", "rlhf_pipeline"),
+    "compare": ("pipelines.compare", "compare_pipeline"),
+    "multitask": ("pipelines.multitask", "multitask_pipeline"),
+    "contrastive": ("pipelines.contrastive", "contrastive_pipeline"),
 }
+
+
+def __getattr__(name: str) -> Any:
+    if name != "PIPELINES":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    pipelines = {
+        key: getattr(importlib.import_module(module), function)
+        for key, (module, function) in _DEFINED_IN.items()
+    }
+    globals()["PIPELINES"] = pipelines
+    return pipelines

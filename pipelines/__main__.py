@@ -19,7 +19,12 @@ from pathlib import Path
 import yaml
 
 from alignpipe.errors import AlignpipeError, ConfigError
-from pipelines import PIPELINES, kfp_client, resources
+
+try:
+    from pipelines import PIPELINES, kfp_client, resources
+except ConfigError as err:  # the cluster settings, read as the pipelines are defined
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
     arguments = read_arguments(Path(args.params))
     kfp_client.check_arguments(pipeline, arguments, args.params)
     client = kfp_client.connect(args.host)
-    started = kfp_client.start_run(client, pipeline.name, args.experiment, arguments, args.version)
+    started = kfp_client.start_run(
+        client, pipeline.name, args.experiment, arguments, args.version, args.service_account
+    )
     url = kfp_client.run_url(kfp_client.resolve_host(args.host), started.run_id)
     print(f"KFP run: {url}")
     state = None
@@ -144,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--experiment", required=True, help="KFP experiment, created if missing")
     start.add_argument("--params", required=True, help="YAML file of pipeline arguments")
     start.add_argument("--version", help="pipeline version name (default: the newest)")
+    start.add_argument(
+        "--service-account",
+        help="Kubernetes service account the run's pods use, e.g. alignpipe-runner from "
+        "manifests/ (default: the namespace's pipeline runner)",
+    )
     start.add_argument("--wait", action="store_true", help="wait; exit 1 unless it succeeds")
     start.add_argument("--timeout", type=float, default=21600, help="seconds to wait at most")
     start.add_argument("--poll", type=float, default=30, help="seconds between status checks")

@@ -46,6 +46,7 @@ def encoder_stage(
         config=contrastive_config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
+        **resources.checkpointing(dsl.PIPELINE_JOB_ID_PLACEHOLDER),
     ).set_display_name("contrastive")
     resources.configure(
         accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret

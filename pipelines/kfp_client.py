@@ -127,10 +127,12 @@ def start_run(
     experiment: str,
     arguments: Mapping[str, Any],
     version: str | None = None,
+    service_account: str | None = None,
 ) -> Any:
     """Create a run of the uploaded pipeline ``name`` (its KFP name) in ``experiment``.
 
-    The experiment is created when missing. Returns the run (``run_id``, ``state``).
+    The experiment is created when missing; the run's pods run as ``service_account`` (the
+    namespace's default pipeline runner when unset). Returns the run (``run_id``, ``state``).
     """
     with _api_errors(f"starting a run of {name}"):
         pipeline_id = client.get_pipeline_id(name)
@@ -148,6 +150,7 @@ def start_run(
             params=dict(arguments),
             pipeline_id=pipeline_id,
             version_id=version_id,
+            service_account=service_account,
         )
 
 

@@ -46,6 +46,7 @@ def multitask_stage(
         config=multitask_config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
+        **resources.checkpointing(dsl.PIPELINE_JOB_ID_PLACEHOLDER),
     ).set_display_name("multitask")
     resources.configure(
         accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret

@@ -12,8 +12,8 @@ Compile-time settings are a :class:`ClusterSettings` read, when the pipelines ar
 from the YAML file named by ``$ALIGNPIPE_CLUSTER_CONFIG`` (defaults otherwise): tolerations and
 a node selector for the GPU pool, an optional PVC for the model cache (``HF_HOME``), timeouts
 and retries of GPU tasks, where training stages keep checkpoints for those retries to resume
-from, whether the secrets may be missing, and per-stage hardware and timeouts that replace the
-run-time values for the stages they name. They are compile-time
+from, whether the secrets may be missing, and per-stage hardware, timeouts and retries that
+replace the run-time values for the stages they name (CPU stages included). They are compile-time
 because KFP builds every graph when its module is imported and kfp-kubernetes takes plain values
 for them. Example file::
 
@@ -150,7 +150,10 @@ def load_settings(path: Optional[str] = None) -> ClusterSettings:
         ) from None
     if not isinstance(values, Mapping):
         raise ConfigError(f"cluster settings file {path} must hold a mapping of setting: value")
-    return from_dict(ClusterSettings, values)
+    try:
+        return from_dict(ClusterSettings, values)
+    except ConfigError as err:
+        raise ConfigError(f"cluster settings file {path}: {err}") from None
 
 
 SETTINGS = load_settings()
@@ -208,8 +211,9 @@ def configure(
     """Apply the cluster settings to every task of the pipeline body being defined.
 
     Call it last in a ``@dsl.pipeline`` body. Every task gets the secrets; GPU tasks also get
-    hardware, tolerations, node selector, timeout, retries and the model cache. Tasks that are
-    sub-pipelines are skipped: their own body calls this.
+    hardware, tolerations, node selector, timeout, retries and the model cache; CPU tasks get
+    what ``stages`` sets for them (:func:`on_cpu`). Tasks that are sub-pipelines are skipped:
+    their own body calls this.
     """
     settings = settings or SETTINGS
     pipeline = pipeline_context.Pipeline.get_default_pipeline()
@@ -221,11 +225,12 @@ def configure(
         stage = task.component_spec.name.replace("-", "_")
         seen_stages.add(stage)
         use_secrets(task, s3_secret, mlflow_secret, settings.secrets_optional)
+        override = settings.stages.get(stage, StageSettings())
         if task.container_spec.image != GPU_IMAGE:
+            on_cpu(task, stage, override, settings)
             if stage in MODEL_LOADING_CPU_STAGES:
                 mount_model_cache(task, settings)
             continue
-        override = settings.stages.get(stage, StageSettings())
         count = _pick(override.accelerator_count, accelerator_count)
         on_gpu(
             task,
@@ -240,12 +245,36 @@ def configure(
             for key, value in settings.gpu_node_selector.items():
                 kubernetes.add_node_selector(task, key, str(value))
         kubernetes.set_timeout(task, _pick(override.timeout_s, settings.timeout_s))
-        retries = _pick(override.retries, settings.retries)
-        if retries:
-            task.set_retry(
-                retries, backoff_duration=f"{settings.retry_backoff_s}s", backoff_factor=2.0
-            )
+        retry(task, _pick(override.retries, settings.retries), settings)
         mount_model_cache(task, settings)
+
+
+def on_cpu(
+    task: PipelineTask, stage: str, override: StageSettings, settings: ClusterSettings
+) -> None:
+    """A CPU task keeps the cluster's defaults but for what ``stages.<stage>`` sets for it.
+
+    The pipeline-wide timeout and retries are for GPU tasks; a CPU task (data prep, ingest,
+    tracking, registration) gets them only when its stage names them.
+    """
+    if override.accelerator_type is not None or override.accelerator_count:
+        raise ConfigError(
+            f"cluster settings give stage {stage!r} an accelerator, but it runs on the CPU "
+            f"image; remove stages.{stage}.accelerator_type and accelerator_count"
+        )
+    if override.cpu is not None:
+        task.set_cpu_limit(override.cpu)
+    if override.memory is not None:
+        task.set_memory_limit(override.memory)
+    if override.timeout_s is not None:
+        kubernetes.set_timeout(task, override.timeout_s)
+    retry(task, override.retries or 0, settings)
+
+
+def retry(task: PipelineTask, retries: int, settings: ClusterSettings) -> None:
+    """Retry ``task`` up to ``retries`` times, with the settings' backoff doubling each time."""
+    if retries:
+        task.set_retry(retries, backoff_duration=f"{settings.retry_backoff_s}s", backoff_factor=2.0)
 
 
 def on_gpu(

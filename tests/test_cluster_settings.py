@@ -18,7 +18,6 @@ import yaml
 from alignpipe.errors import ConfigError
 from components import GPU_IMAGE
 from pipelines import PIPELINES, resources
-from pipelines.__main__ import compile_all
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_CREDENTIALS = {
@@ -29,11 +28,17 @@ FAKE_CREDENTIALS = {
     "MLFLOW_TRACKING_USERNAME": "fake-mlflow-user",
     "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-42",
 }
-TRAINING = {
-    "dpo": {"exec-sft", "exec-dpo"},
-    "rlhf": {"exec-sft", "exec-reward-model", "exec-ppo"},
-    "compare": {"exec-sft", "exec-dpo", "exec-reward-model", "exec-ppo"},
+
+
+# the training tasks of each pipeline; each runs the component (comp-NAME) of its name
+TRAINING_TASKS = {
+    "dpo": {"sft", "dpo"},
+    "rlhf": {"sft", "reward-model", "ppo"},
+    "compare": {"sft", "dpo", "reward-model", "ppo"},
+    "multitask": {"multitask"},
+    "contrastive": {"contrastive"},
 }
+TRAINING_COMPONENTS = {f"comp-{task}" for tasks in TRAINING_TASKS.values() for task in tasks}
 
 
 def parse(text: str) -> tuple[dict, dict]:
@@ -55,21 +60,46 @@ def retry_policies(spec: dict) -> dict[str, dict]:
     return policies
 
 
+def _training_tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the graph (sub-pipelines included) that runs a checkpointing stage."""
+    components = spec["components"]
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in components.values() if "dag" in c]
+    return {
+        name: task
+        for dag in dags
+        for name, task in dag["tasks"].items()
+        if task["componentRef"]["name"] in TRAINING_COMPONENTS
+    }
+
+
 def gpu_executors(spec: dict) -> set[str]:
     executors = spec["deploymentSpec"]["executors"]
     return {name for name, e in executors.items() if e["container"]["image"] == GPU_IMAGE}
 
 
+def compile_fresh(out: Path, settings: Path | None = None) -> dict[str, str]:
+    """Compile every pipeline in a new interpreter whose environment holds the fake credentials.
+
+    A fresh process, because KFP builds the graphs when their modules are imported: a value read
+    from the environment then is in the YAML, and a process that imported them earlier hides it.
+    """
+    env = {**os.environ, **FAKE_CREDENTIALS}
+    env.pop(resources.SETTINGS_ENV, None)
+    if settings is not None:
+        env[resources.SETTINGS_ENV] = str(settings)
+    subprocess.run(
+        [sys.executable, "-m", "pipelines", "compile", "--output", str(out)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return {name: (out / f"{name}.yaml").read_text() for name in PIPELINES}
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    for key, value in FAKE_CREDENTIALS.items():
-        mp.setenv(key, value)
-    try:
-        paths = compile_all(tmp_path_factory.mktemp("compiled"))
-    finally:
-        mp.undo()
-    return {p.stem: p.read_text() for p in paths}
+    return compile_fresh(tmp_path_factory.mktemp("compiled"))
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -107,7 +137,7 @@ def test_every_task_reads_both_secrets_named_by_run_parameters(compiled, name):
 def test_gpu_tasks_get_pool_scheduling_timeout_and_retries(compiled, name):
     spec, kubernetes = parse(compiled[name])
     gpu = gpu_executors(spec)
-    assert TRAINING.get(name, set()) <= gpu
+    assert {f"exec-{task}" for task in TRAINING_TASKS[name]} <= gpu
     policies = retry_policies(spec)
     gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     for executor in spec["deploymentSpec"]["executors"]:
@@ -137,19 +167,16 @@ def test_overrides_from_the_settings_file_take_effect(tmp_path):
             "ppo": {"accelerator_count": 2, "memory": "128G", "timeout_s": 172800},
             "evaluate": {"retries": 0, "accelerator_type": "nvidia.com/mig-1g.10gb"},
             "reward_model": {"accelerator_count": 0, "cpu": "16"},
+            "ingest": {"cpu": "4", "memory": "8G", "timeout_s": 600, "retries": 3},
         },
     }
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(overrides))
-    env = {**os.environ, resources.SETTINGS_ENV: str(config)}
-    subprocess.run(
-        [sys.executable, "-m", "pipelines", "compile", "--output", str(tmp_path / "out")],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    spec, kubernetes = parse((tmp_path / "out" / "rlhf.yaml").read_text())
+    every = compile_fresh(tmp_path / "out", config)
+    for name, text in every.items():
+        for key, value in FAKE_CREDENTIALS.items():
+            assert value not in text, f"{key}'s value leaked into {name}.yaml"
+    spec, kubernetes = parse(every["rlhf"])
     executors = spec["deploymentSpec"]["executors"]
     policies = retry_policies(spec)
 
@@ -188,19 +215,45 @@ def test_overrides_from_the_settings_file_take_effect(tmp_path):
     assert "nodeSelector" not in kubernetes["exec-prep"]
     assert all(s["optional"] for s in kubernetes["exec-prep"]["secretAsEnv"])
 
-    # training tasks keep checkpoints under the root, by run id, so that retries resume
-    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
-    training = {
-        name: task["inputs"]["parameters"]
-        for dag in dags
-        for name, task in dag["tasks"].items()
-        if task["componentRef"]["name"] in ("comp-sft", "comp-reward-model", "comp-ppo")
-    }
-    assert set(training) == {"sft", "reward-model", "ppo"}
-    for parameters in training.values():
-        root = parameters["checkpoint_root"]["runtimeValue"]["constant"]
-        assert root == "s3://ml-checkpoints/alignpipe"
-        assert parameters["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    # a CPU stage takes what its entry sets, and only then a timeout and retries
+    ingest = executors["exec-ingest"]["container"]["resources"]
+    assert (ingest["resourceCpuLimit"], ingest["resourceMemoryLimit"]) == ("4", "8G")
+    assert kubernetes["exec-ingest"]["activeDeadlineSeconds"] == "600"
+    assert policies["exec-ingest"]["maxRetryCount"] == 3
+    assert "resources" not in executors["exec-prep"]["container"]
+    assert "activeDeadlineSeconds" not in kubernetes["exec-prep"] and not policies["exec-prep"]
+
+    # training tasks of every pipeline keep checkpoints under the root, by run id, so that
+    # retries resume
+    for name, text in every.items():
+        training = {
+            task_name: task["inputs"]["parameters"]
+            for task_name, task in _training_tasks(parse(text)[0]).items()
+        }
+        assert set(training) == TRAINING_TASKS[name], name
+        for parameters in training.values():
+            root = parameters["checkpoint_root"]["runtimeValue"]["constant"]
+            assert root == "s3://ml-checkpoints/alignpipe"
+            run_id = parameters["kfp_run_id"]["runtimeValue"]["constant"]
+            assert run_id == "{{$.pipeline_job_uuid}}"
+
+
+def test_an_accelerator_for_a_cpu_stage_is_one_line_naming_the_fix(tmp_path):
+    config = tmp_path / "cluster.yaml"
+    config.write_text("stages: {prep: {accelerator_count: 1}}\n")
+    env = {**os.environ, resources.SETTINGS_ENV: str(config)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines", "compile", "--output", str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: cluster settings give stage 'prep' an accelerator, but it runs on the CPU "
+        "image; remove stages.prep.accelerator_type and accelerator_count"
+    ]
 
 
 def test_bad_settings_are_errors_that_name_the_fix(tmp_path):

@@ -133,11 +133,16 @@ def test_run_sends_the_yaml_parameters_to_the_chosen_version(api, params_file, c
     [run_id] = api.runs
     assert not api.calls("GET", f"/runs/{run_id}")
 
-    # a second run finds the experiment and the newest version
-    assert run(api, params_file) == 0
+    # no --service-account: the namespace's default runner
+    assert not body.get("service_account")
+
+    # a second run finds the experiment and the newest version, and runs as the account given
+    assert run(api, params_file, "--service-account", "alignpipe-runner") == 0
     assert len(api.calls("POST", "/experiments")) == 1
-    newest = api.calls("POST", "/runs")[1].json()["pipeline_version_reference"]
+    second = api.calls("POST", "/runs")[1].json()
+    newest = second["pipeline_version_reference"]
     assert newest["pipeline_version_id"] == api.versions[pipeline_id][-1]["pipeline_version_id"]
+    assert second["service_account"] == "alignpipe-runner"
 
 
 def test_run_prints_the_mlflow_parent_run(api, params_file, tmp_path, capsys):

@@ -113,6 +113,16 @@ def test_component_docstrings_reach_the_spec(compiled):
     assert "Align the SFT model on preference pairs with DPO" in compiled["dpo"]
 
 
+TRAINING_COMPONENTS = (
+    "comp-sft",
+    "comp-dpo",
+    "comp-reward-model",
+    "comp-ppo",
+    "comp-multitask",
+    "comp-contrastive",
+)
+
+
 def _training_tasks(spec: dict) -> dict[str, dict]:
     """Every task of the graph (sub-pipelines included) that runs a checkpointing stage."""
     found = {}
@@ -120,13 +130,15 @@ def _training_tasks(spec: dict) -> dict[str, dict]:
     for dag in dags:
         for name, task in dag["tasks"].items():
             component = task["componentRef"]["name"]
-            if component in ("comp-sft", "comp-dpo", "comp-reward-model", "comp-ppo"):
+            if component in TRAINING_COMPONENTS:
                 found[name] = task
     return found
 
 
 @pytest.mark.parametrize(
-    ("name", "count"), [("dpo", 2), ("rlhf", 3), ("compare", 4)], ids=["dpo", "rlhf", "compare"]
+    ("name", "count"),
+    [("dpo", 2), ("rlhf", 3), ("compare", 4), ("multitask", 1), ("contrastive", 1)],
+    ids=["dpo", "rlhf", "compare", "multitask", "contrastive"],
 )
 def test_training_tasks_know_the_run_id_and_keep_checkpoints_locally_by_default(
     compiled, name, count
