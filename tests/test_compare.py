@@ -48,6 +48,23 @@ def test_metrics_are_prefixed_by_branch_and_the_report_has_both(tmp_path):
     assert "| tokens processed | | 150,000 | 150,000 |" in report
 
 
+def test_a_stage_stopped_at_its_kl_bound_is_reported(tmp_path):
+    stopped = {**PPO_TRAIN, "iterations": 44.0, "stopped_at_kl_bound": 1.0}
+    ran_out = {**PPO_TRAIN, "iterations": 60.0, "stopped_at_kl_bound": 0.0}
+    branches = [Branch("dpo", DPO_EVAL, [DPO_TRAIN]), Branch("ppo", PPO_EVAL, [RM_TRAIN, stopped])]
+    metrics = compare(branches, tmp_path)
+    assert (metrics["ppo_stopped_at_kl_bound"], metrics["ppo_iterations"]) == (1.0, 44.0)
+    assert "dpo_stopped_at_kl_bound" not in metrics
+    report = (tmp_path / "comparison.md").read_text()
+    assert report.endswith(
+        "\n- ppo stopped at its KL bound after 44 iterations and kept the last policy within the "
+        "bound.\n"
+    )
+    # a run that used all its iterations adds no note
+    compare([branches[0], Branch("ppo", PPO_EVAL, [RM_TRAIN, ran_out])], tmp_path)
+    assert "KL bound" not in (tmp_path / "comparison.md").read_text()
+
+
 def test_one_branch_is_not_a_comparison(tmp_path):
     with pytest.raises(ValueError, match="at least two branches"):
         compare([Branch("dpo", DPO_EVAL, [DPO_TRAIN])], tmp_path)

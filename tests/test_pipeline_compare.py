@@ -74,3 +74,26 @@ def test_both_methods_beat_sft_and_ppo_stays_within_its_kl_bound(runs):
     assert (
         ppo.data.metrics["kl_to_reference"] < COMPARE_ARGUMENTS["ppo_config"]["max_kl_to_reference"]
     )
+
+
+def test_the_report_says_whether_ppo_ended_at_its_kl_bound(runs):
+    # on some CPUs the demo's PPO reaches the bound before its last iteration, on others not;
+    # either way the comparison on the parent run and in the report says which
+    parent, children, root = runs
+    [ppo] = [r for r in children if r.data.tags["alignpipe.stage"] == "ppo"]
+    [report] = root.glob("kfp/*/compare-report/report")
+    stopped = ppo.data.metrics["stopped_at_kl_bound"] == 1.0
+    iterations = ppo.data.metrics["iterations"]
+    assert stopped == (ppo.data.tags.get("alignpipe.stopped") == "max_kl_to_reference"), (
+        ppo.data.tags
+    )
+    if stopped:
+        assert parent.data.metrics["ppo_stopped_at_kl_bound"] == 1.0
+        assert parent.data.metrics["ppo_iterations"] == iterations
+        assert f"ppo stopped at its KL bound after {iterations:.0f} iterations" in (
+            report.read_text()
+        )
+    else:
+        assert iterations == COMPARE_ARGUMENTS["ppo_config"]["training"]["max_steps"]
+        assert "ppo_stopped_at_kl_bound" not in parent.data.metrics
+        assert "KL bound" not in report.read_text()

@@ -45,6 +45,18 @@ class Branch:
                 cost[key] = float(combine(s[key] for s in self.stages))
         return cost
 
+    def stopped_early(self) -> dict[str, float]:
+        """``stopped_at_kl_bound`` and ``iterations`` of a stage that ended at its KL bound.
+
+        Such a stage trained fewer iterations than configured and kept its last policy within
+        the bound; a reader of the comparison needs to know it, since its cost is then smaller
+        too. Empty when no stage of the branch stopped there.
+        """
+        for stage in self.stages:
+            if stage.get("stopped_at_kl_bound"):
+                return {"stopped_at_kl_bound": 1.0, "iterations": float(stage["iterations"])}
+        return {}
+
 
 def compare(branches: Sequence[Branch], output: str | Path) -> dict[str, float]:
     """Write ``comparison.md`` and ``comparison.json`` under ``output``; return flat metrics.
@@ -58,7 +70,7 @@ def compare(branches: Sequence[Branch], output: str | Path) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
     for branch in branches:
-        for key, value in {**branch.evaluation, **branch.cost()}.items():
+        for key, value in {**branch.evaluation, **branch.cost(), **branch.stopped_early()}.items():
             metrics[f"{branch.name}_{key}"] = float(value)
     (out / "comparison.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "comparison.md").write_text(render(branches))
@@ -93,12 +105,21 @@ def render(branches: Sequence[Branch]) -> str:
     for label, key in cost_rows:
         cells = [_fmt(b.cost().get(key)) for b in branches]
         rows.append(f"| {label} | | " + " | ".join(cells) + " |")
+    notes = [
+        f"- {b.name} stopped at its KL bound after {b.stopped_early()['iterations']:.0f} "
+        "iterations and kept the last policy within the bound."
+        for b in branches
+        if b.stopped_early()
+    ]
     return (
         "# Alignment methods compared\n\n"
         "Every branch starts from the same SFT model and is evaluated against it on the same "
         "held-out prompts with the same scorers and generation settings. Cost sums the "
         "branch's training stages (a reward model and PPO for RLHF); peak memory is the "
-        "largest of its stages' processes.\n\n" + "\n".join([header, rule, *rows]) + "\n"
+        "largest of its stages' processes.\n\n"
+        + "\n".join([header, rule, *rows])
+        + "\n"
+        + ("\n" + "\n".join(notes) + "\n" if notes else "")
     )
 
 

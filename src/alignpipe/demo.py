@@ -185,6 +185,11 @@ def summarize(tracking_uri: str, experiment: str, pipeline: str) -> dict[str, An
             "kl_to_sft": metrics.get(f"{prefix}kl_policy_reference"),
             "train_seconds": metrics.get(f"{prefix}train_seconds"),
             "peak_rss_mb": metrics.get(f"{prefix}peak_rss_mb"),
+            "stopped_at_kl_bound_after": (
+                metrics.get(f"{prefix}iterations")
+                if metrics.get(f"{prefix}stopped_at_kl_bound")
+                else None
+            ),
         }
     return {
         "pipeline": pipeline,
@@ -205,6 +210,13 @@ def print_table(table: dict[str, Any]) -> None:
     print("\n" + f"{'model':<6}" + "".join(f"{c:>17}" for c in columns))
     for name, row in table["models"].items():
         print(f"{name:<6}" + "".join(f"{fmt(row.get(k)):>17}" for k in keys))
+    for name, row in table["models"].items():
+        if row.get("stopped_at_kl_bound_after"):
+            print(
+                f"{name} stopped at its KL bound (max_kl_to_reference) after "
+                f"{row['stopped_at_kl_bound_after']:.0f} iterations and kept the last policy "
+                "within it"
+            )
     if table["gate_passed"] is not None:
         print(f"\ngate passed: {table['gate_passed']}")
     print(f"pipeline {table['pipeline']}: {table['status']}")
