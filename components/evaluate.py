@@ -17,6 +17,7 @@ def evaluate(
     report: Output[Markdown],
     report_html: Output[HTML],
     evaluation: Output[Artifact],
+    base_model: Optional[Input[Model]] = None,
     config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
@@ -38,6 +39,9 @@ def evaluate(
         report: Markdown report with a table, the gate decision, samples and a plot.
         report_html: The same report as HTML.
         evaluation: Output folder: metrics.json, samples.jsonl, report files.
+        base_model: The model fine-tuning started from (the base model step's output); the
+            few-shot baseline (``few_shot`` in config) prompts it. ``base_model`` in config
+            wins; with neither, the baseline prompts the reference.
         config: Options of ``alignpipe.evaluate.EvalStageConfig`` (``alignpipe options
             evaluate``): scorers, generation settings, gate metric and thresholds.
         tracking_uri: MLflow tracking URI; unset = ``$MLFLOW_TRACKING_URI``.
@@ -53,12 +57,15 @@ def evaluate(
 
     from alignpipe.runner import run_stage
 
+    defaults = {}
+    if base_model is not None:
+        defaults["base_model"] = base_model.metadata.get("reference") or base_model.path
     overrides = {"policy": policy.path, "reference": reference.path, "sft_data": sft_data.path}
     result = run_stage(
         "evaluate",
         data.path,
         evaluation.path,
-        overrides={**(config or {}), **overrides},
+        overrides={**defaults, **(config or {}), **overrides},
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
         metrics_to_parent=headline_to_parent,

@@ -19,7 +19,7 @@ def reward_model(
     checkpoint_root: Optional[str] = None,
     kfp_run_id: Optional[str] = None,
 ):
-    """Train a reward model on preference pairs: a scalar head on the SFT model.
+    """Train a reward model on preference pairs: a scalar head on the SFT model (or another).
 
     Reports held-out pairwise accuracy (chosen scored above rejected) and the mean margin,
     before and after training. The saved model scores text for PPO and for evaluation
@@ -27,7 +27,9 @@ def reward_model(
 
     Args:
         data: An ingest output folder of preference pairs (train.parquet, eval.parquet).
-        sft_model: The model whose weights initialise the reward model's trunk.
+        sft_model: The model whose weights initialise the reward model's trunk, unless
+            ``config`` names another ``model`` (a hub id, s3:// prefix or folder): reward
+            models score text with their own tokenizer, so any base with a chat template does.
         model: Output folder: ``model/`` (a sequence classifier with one label),
             ``checkpoints/``, ``metrics.json``.
         metrics: Held-out accuracy and margin before and after training, train loss, tokens.
@@ -44,7 +46,7 @@ def reward_model(
     from alignpipe.runner import run_stage
     from alignpipe.training import run_checkpoint_uri
 
-    overrides = {**(config or {}), "model": sft_model.path}
+    overrides = {"model": sft_model.path, **(config or {})}
     if checkpoint_root:
         uri = run_checkpoint_uri(checkpoint_root, kfp_run_id, "reward_model")
         overrides["training.checkpoint_uri"] = uri

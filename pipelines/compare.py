@@ -74,7 +74,7 @@ def compare_pipeline(
         # the two branches
         direct = dpo(
             data=pairs,
-            sft_model=tuned.output,
+            sft_model=tuned.outputs["model"],
             config=dpo_config,
             tracking_uri=tracking_uri,
             parent_run_id=parent,
@@ -82,7 +82,7 @@ def compare_pipeline(
         ).set_display_name("DPO")
         rlhf = rlhf_stage(
             pairs=pairs,
-            sft_model=tuned.output,
+            sft_model=tuned.outputs["model"],
             parent_run_id=parent,
             reward_model_config=reward_model_config,
             ppo_config=ppo_config,
@@ -98,7 +98,8 @@ def compare_pipeline(
         ):
             evaluations[name] = evaluate(
                 policy=policy,
-                reference=tuned.output,
+                reference=tuned.outputs["model"],
+                base_model=tuned.outputs["base_model"],
                 data=pairs,
                 sft_data=conversations,
                 config=eval_config,

@@ -68,7 +68,7 @@ def dpo_pipeline(
         ).set_display_name("SFT")
         aligned = dpo(
             data=data.outputs["pairs"],
-            sft_model=tuned.output,
+            sft_model=tuned.outputs["model"],
             config=dpo_config,
             tracking_uri=tracking_uri,
             parent_run_id=parent,
@@ -76,7 +76,8 @@ def dpo_pipeline(
         ).set_display_name("DPO")
         gate_stage(
             policy=aligned.outputs["model"],
-            reference=tuned.output,
+            reference=tuned.outputs["model"],
+            base_model=tuned.outputs["base_model"],
             conversations=data.outputs["conversations"],
             pairs=data.outputs["pairs"],
             parent_run_id=parent,

@@ -67,7 +67,7 @@ def rlhf_pipeline(
         ).set_display_name("SFT")
         aligned = rlhf_stage(
             pairs=data.outputs["pairs"],
-            sft_model=tuned.output,
+            sft_model=tuned.outputs["model"],
             parent_run_id=parent,
             reward_model_config=reward_model_config,
             ppo_config=ppo_config,
@@ -76,7 +76,8 @@ def rlhf_pipeline(
         ).set_display_name("reward model and PPO")
         gate_stage(
             policy=aligned.outputs["policy"],
-            reference=tuned.output,
+            reference=tuned.outputs["model"],
+            base_model=tuned.outputs["base_model"],
             conversations=data.outputs["conversations"],
             pairs=data.outputs["pairs"],
             parent_run_id=parent,

@@ -25,6 +25,11 @@ class DataOutputs(NamedTuple):
     pairs: Dataset
 
 
+class SftOutputs(NamedTuple):
+    base_model: Model
+    model: Model
+
+
 class RlhfOutputs(NamedTuple):
     reward_model: Model
     policy: Model
@@ -81,7 +86,7 @@ def sft_stage(
     tracking_uri: Optional[str] = None,
     s3_secret: str = resources.S3_SECRET,
     mlflow_secret: str = resources.MLFLOW_SECRET,
-) -> Model:
+) -> SftOutputs:
     start = base_model(
         model_ref=base_model_ref, data=conversations, tiny_options=tiny_options
     ).set_display_name("base model")
@@ -96,7 +101,7 @@ def sft_stage(
     resources.configure(
         accelerator_type, accelerator_count, train_cpu, train_memory, s3_secret, mlflow_secret
     )
-    return tuned.outputs["model"]
+    return SftOutputs(start.outputs["model"], tuned.outputs["model"])
 
 
 @dsl.pipeline(name="rlhf", description="Train a reward model, then PPO against it.")
@@ -146,6 +151,7 @@ def rlhf_stage(
 def gate_stage(
     policy: Model,
     reference: Model,
+    base_model: Model,
     conversations: Dataset,
     pairs: Dataset,
     parent_run_id: str,
@@ -163,6 +169,7 @@ def gate_stage(
     evaluated = evaluate(
         policy=policy,
         reference=reference,
+        base_model=base_model,
         data=pairs,
         sft_data=conversations,
         config=eval_config,

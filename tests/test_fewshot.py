@@ -50,14 +50,21 @@ def fine_tune(start: str, data: Path, output: Path, steps: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_tokenizer_dir: Path, task: Path) -> evaluate.EvalResult:
-    """A base model that barely knows the task, fine-tuned further; with a 2-shot baseline.
+def tuned(tiny_tokenizer_dir: Path, task: Path) -> tuple[str, str]:
+    """A base model that barely knows the task, and the same fine-tuned further.
 
     The base has had 10 steps of SFT: it writes text, not yet the task's lists, so examples
     in its prompt can change its answers. The policy is the base after 60 more steps.
     """
     base = fine_tune(str(tiny_tokenizer_dir), task / "sft-data", task / "base", steps=10)
     policy = fine_tune(base, task / "sft-data", task / "policy", steps=60)
+    return base, policy
+
+
+@pytest.fixture(scope="module")
+def run(tuned: tuple[str, str], task: Path) -> evaluate.EvalResult:
+    """The policy against the base, with a 2-shot baseline."""
+    base, policy = tuned
     config = evaluate.EvalStageConfig(
         policy=policy,
         reference=base,
@@ -127,6 +134,40 @@ def test_the_examples_reach_the_base_model_and_fine_tuning_beats_them(run: evalu
     # two examples do not teach a 10-step model the task in context; 60 more steps of SFT
     # teach it the format (measured: few-shot -1.0, fine-tuned -0.71)
     assert run.metrics["gold_gain_over_few_shot"] > 0.1
+
+
+@pytest.mark.slow
+def test_the_component_prompts_the_base_model_step_output(
+    tuned: tuple[str, str], task: Path, tiny_tokenizer_dir: Path, tmp_path: Path
+):
+    # in a pipeline, the reference is the SFT model and the model fine-tuning started from is
+    # the base model step's output: the baseline prompts that one, here the untrained tiny model
+    from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
+
+    from components.evaluate import evaluate as component
+
+    def artifact(cls, name, uri=None):
+        return cls(name=name, uri=str(uri or tmp_path / name), metadata={})
+
+    base, policy = tuned
+    component.python_func(
+        policy=artifact(Model, "policy", policy),
+        reference=artifact(Model, "reference", base),
+        base_model=artifact(Model, "base", tiny_tokenizer_dir),
+        data=artifact(Dataset, "data", task / "prefs"),
+        sft_data=artifact(Dataset, "sft_data", task / "sft-data"),
+        config={"few_shot": K, "num_prompts": 8, "max_new_tokens": 12, "batch_size": 8},
+        metrics=artifact(Metrics, "metrics"),
+        report=artifact(Markdown, "report.md"),
+        report_html=artifact(HTML, "report.html"),
+        evaluation=artifact(Artifact, "evaluation"),
+    )
+    import json
+
+    samples = [json.loads(line) for line in (tmp_path / "evaluation" / "samples.jsonl").open()]
+    assert len(samples) == 8
+    # the untrained model's answers, not the reference's (which a missing base_model gives)
+    assert sum(s["base"] != s["reference"] for s in samples) >= 6
 
 
 @pytest.mark.parametrize(

@@ -135,6 +135,28 @@ def _training_tasks(spec: dict) -> dict[str, dict]:
     return found
 
 
+@pytest.mark.parametrize("name", ["dpo", "rlhf", "compare"])
+def test_evaluation_gets_the_model_fine_tuning_started_from(compiled, name):
+    # the few-shot baseline prompts the base model step's output, not the SFT model
+    spec = pipeline_spec(compiled[name])
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    [sft] = [d for d in dags if "base_model" in d.get("outputs", {}).get("artifacts", {})]
+    assert sft["outputs"]["artifacts"]["base_model"]["artifactSelectors"] == [
+        {"outputArtifactKey": "model", "producerSubtask": "base-model"}
+    ]
+    from_sft = {"taskOutputArtifact": {"outputArtifactKey": "base_model", "producerTask": "sft"}}
+    tasks = [task for dag in dags for task in dag["tasks"].values()]
+    evaluations = [t for t in tasks if t["componentRef"]["name"].startswith("comp-evaluate")]
+    gates = [t for t in tasks if t["componentRef"]["name"] == "comp-gate"]
+    assert len(evaluations) == (2 if name == "compare" else 1)
+    for task in evaluations:
+        # straight from the SFT sub-pipeline (compare), or through the gate's input
+        source = task["inputs"]["artifacts"]["base_model"]
+        assert source in (from_sft, {"componentInputArtifact": "base_model"}), source
+    for gate in gates:
+        assert gate["inputs"]["artifacts"]["base_model"] == from_sft
+
+
 @pytest.mark.parametrize(
     ("name", "count"),
     [("dpo", 2), ("rlhf", 3), ("compare", 4), ("multitask", 1), ("contrastive", 1)],

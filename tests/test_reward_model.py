@@ -468,6 +468,32 @@ def test_cli_runs_the_stage_with_overrides(
     assert "does not work for a reward model" in capsys.readouterr().err
 
 
+def test_the_component_starts_from_the_sft_model_or_the_model_its_config_names(
+    task: Path, sft_model: str, tiny_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    from kfp.dsl import Dataset, Metrics, Model
+
+    from components.reward_model import reward_model as component
+
+    def train(name: str, config: dict) -> str:
+        out = tmp_path / name
+        component.python_func(
+            data=Dataset(name="data", uri=str(task / "prefs"), metadata={}),
+            sft_model=Model(name="sft", uri=sft_model, metadata={}),
+            model=Model(name="model", uri=str(out), metadata={}),
+            metrics=Metrics(name="metrics", uri=str(tmp_path / f"{name}-metrics"), metadata={}),
+            config={"training": {"max_steps": 1}, "save_adapter_only": True, **config},
+        )
+        return json.loads((out / "model" / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
+
+    quiet = dict(option.split("=") for option in QUIET)
+    assert train("from-sft", quiet) == models.resolve_model(sft_model)
+    named = train("from-named", {**quiet, "model": str(tiny_tokenizer_dir)})
+    assert named == models.resolve_model(str(tiny_tokenizer_dir))
+
+
 def test_evaluate_needs_a_reward_model_for_its_scorer() -> None:
     with pytest.raises(ConfigError, match="set reward_model="):
         evaluate.EvalStageConfig(policy="a", reference="b", scorers=["gold", "reward_model"])
