@@ -18,6 +18,7 @@ def evaluate(
     report_html: Output[HTML],
     evaluation: Output[Artifact],
     base_model: Optional[Input[Model]] = None,
+    reward_model: Optional[Input[Model]] = None,
     config: Optional[dict] = None,
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
@@ -42,6 +43,8 @@ def evaluate(
         base_model: The model fine-tuning started from (the base model step's output); the
             few-shot baseline (``few_shot`` in config) prompts it. ``base_model`` in config
             wins; with neither, the baseline prompts the reference.
+        reward_model: A reward model stage's output, for the ``reward_model`` scorer (list
+            it in ``scorers`` in config); ``reward_model`` in config wins.
         config: Options of ``alignpipe.evaluate.EvalStageConfig`` (``alignpipe options
             evaluate``): scorers, generation settings, gate metric and thresholds.
         tracking_uri: MLflow tracking URI; unset = ``$MLFLOW_TRACKING_URI``.
@@ -60,6 +63,8 @@ def evaluate(
     defaults = {}
     if base_model is not None:
         defaults["base_model"] = base_model.metadata.get("reference") or base_model.path
+    if reward_model is not None:
+        defaults["reward_model"] = reward_model.path
     overrides = {"policy": policy.path, "reference": reference.path, "sft_data": sft_data.path}
     result = run_stage(
         "evaluate",

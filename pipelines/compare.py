@@ -3,7 +3,8 @@
 Both branches start from the same SFT model and preference pairs, are evaluated against the SFT
 model on the same prompts with the same scorers, and meet in a report that puts quality (reward,
 win rate, KL, length) next to cost (training time, tokens, peak memory). On a cluster the two
-branches run in parallel.
+branches run in parallel. Both evaluations get the RLHF branch's reward model, so
+``scorers: [gold, reward_model]`` in ``eval_config`` scores both policies with it as well.
 """
 
 from typing import Optional
@@ -100,6 +101,7 @@ def compare_pipeline(
                 policy=policy,
                 reference=tuned.outputs["model"],
                 base_model=tuned.outputs["base_model"],
+                reward_model=rlhf.outputs["reward_model"],
                 data=pairs,
                 sft_data=conversations,
                 config=eval_config,

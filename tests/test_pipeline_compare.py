@@ -63,6 +63,18 @@ def test_the_comparison_reaches_the_parent_and_the_report(runs):
     assert "| gold reward |" in report.read_text()
 
 
+def test_both_policies_are_scored_by_the_reward_model_too(runs):
+    parent, _, root = runs
+    metrics = parent.data.metrics
+    # the same SFT answers, scored once for both branches
+    sft = metrics["dpo_reward_model_reward_reference"]
+    assert sft == metrics["ppo_reward_model_reward_reference"]
+    # PPO optimised this very score
+    assert metrics["ppo_reward_model_reward_policy"] > sft
+    [report] = root.glob("kfp/*/compare-report/report")
+    assert "| reward_model reward |" in report.read_text()
+
+
 def test_both_methods_beat_sft_and_ppo_stays_within_its_kl_bound(runs):
     parent, children, _ = runs
     metrics = parent.data.metrics

@@ -60,6 +60,8 @@ DEMO_ARGUMENTS: dict[str, Any] = {
 # The RLHF branch of `compare`: a reward model from the SFT model, then PPO (LoRA on every
 # linear layer, KL-penalised) against it.
 COMPARE_ARGUMENTS: dict[str, Any] = {
+    # both policies scored by the gold rule and by the reward model PPO optimised
+    "eval_config": {**DEMO_ARGUMENTS["eval_config"], "scorers": ["gold", "reward_model"]},
     "reward_model_config": {
         "peft": {"method": "none"},
         "max_length": 64,
