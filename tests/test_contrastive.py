@@ -14,6 +14,7 @@ from alignpipe import contrastive
 from alignpipe.config import load_config
 from alignpipe.contrastive import ContrastiveStageConfig
 from alignpipe.errors import ConfigError, DataError
+from alignpipe.tracking import NullTracker
 
 # a run small enough for the test budget: full fine-tuning of the tiny model (LoRA on weights
 # that were never trained teaches little), few steps, a held-out sample of 300 pairs; one torch
@@ -241,8 +242,24 @@ def test_preference_pairs_train_a_lora_encoder_with_gradcache(sts, tmp_path):
         peft={"method": "lora", "lora": {"r": 4}},
         training={**TRAINING, "max_steps": 3, "batch_size": 8, "learning_rate": 1e-2},
     )
-    result = contrastive.run(cfg, str(tmp_path / "pairs"), str(tmp_path / "out"))
+    tracker = NullTracker()
+    result = contrastive.run(cfg, str(tmp_path / "pairs"), str(tmp_path / "out"), tracker=tracker)
 
+    # the cached (GradCache) loss trained, in mini-batches of 4 within batches of 8
+    assert tracker.tags["alignpipe.contrastive_loss"] == "cached_mnrl"
+    trainer = contrastive.build_trainer(
+        cfg,
+        contrastive.load_encoder(cfg),
+        contrastive.training_set(
+            contrastive.load_text_pairs(str(tmp_path / "pairs"), "train", NullTracker()),
+            "cached_mnrl",
+            cfg,
+        ),
+        "cached_mnrl",
+        tmp_path / "inspect",
+    )
+    assert type(trainer.loss).__name__ == "CachedMultipleNegativesRankingLoss"
+    assert trainer.loss.mini_batch_size == 4
     assert result.metrics["train_pairs"] >= 10
     assert {"eval_accuracy_at_1", "eval_mrr", "eval_mrr_initial"} <= set(result.metrics)
     assert "eval_spearman" not in result.metrics  # preference pairs carry no scores
