@@ -382,6 +382,14 @@ def test_the_kl_bound_keeps_the_last_policy_within_it(task: Path, sft_model: str
     assert all(torch.equal(saved[k], v) for k, v in adapter(kept).items())
     assert not all(torch.equal(saved[k], v) for k, v in adapter(kept + 1).items())
 
+    # a retry resumes from the newest checkpoint, the over-the-bound policy; its first rollout
+    # is over the bound again, and it goes back to the policy within it that the checkpoint kept
+    again = ppo.run(config, str(task / "prefs"), str(task / "bound"), tracker=NullTracker())
+    assert again.metrics["resumed_from_iteration"] == kept + 1
+    assert (again.metrics["iterations"], again.metrics["stopped_at_kl_bound"]) == (kept, 1.0)
+    resaved = load_file(Path(again.model_dir) / "adapter_model.safetensors")
+    assert all(torch.equal(resaved[k], v) for k, v in saved.items())
+
 
 def test_early_stop_kl_ends_the_epochs_of_an_iteration(task: Path, sft_model: str) -> None:
     # The first step of an iteration measures the rollout's own policy (approx KL ~ 0); the

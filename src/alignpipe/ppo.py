@@ -52,6 +52,7 @@ Messages = list[dict[str, str]]
 METRICS_FILE = "metrics.json"
 CHECKPOINT_PREFIX = "iter-"
 COMPLETE_MARKER = "COMPLETE"
+WITHIN_BOUND_FILE = "within_bound.safetensors"
 
 
 @dataclass
@@ -439,6 +440,10 @@ class Learner:
     iteration: int = 0
     # non-padding prompt + response tokens through PPO steps in this process (DPO's measure)
     train_tokens: int = 0
+    # with max_kl_to_reference: the iteration and trainable weights of the last policy whose
+    # rollout was within the bound, in CPU memory; checkpointed, so a resumed run that finds
+    # itself over the bound at once still goes back to it
+    within_bound: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trained parameters: the adapter (or every policy weight) and the critic's."""
@@ -889,7 +894,6 @@ def train(
     options = config.training
     store = checkpoint_store(options)
     bound = config.max_kl_to_reference
-    within_bound: tuple[int, dict[str, torch.Tensor]] | None = None
     while learner.iteration < options.max_steps:
         iteration = learner.iteration + 1
 
@@ -899,9 +903,9 @@ def train(
 
         # the KL bound: keep the last policy within it and stop
         if bound is not None and rollout.stats["kl"] > bound:
-            if within_bound is not None:
-                learner.iteration = within_bound[0]
-                _load_trainable(learner, within_bound[1])
+            if learner.within_bound is not None:
+                learner.iteration = learner.within_bound[0]
+                _load_trainable(learner, learner.within_bound[1])
             log.warning(
                 "ppo: KL to the reference %.4g passed max_kl_to_reference %.4g at iteration %d; "
                 "stopping with the policy of iteration %d",
@@ -910,7 +914,7 @@ def train(
             tracker.set_tags({"alignpipe.stopped": "max_kl_to_reference"})
             return True
         if bound is not None:
-            within_bound = (learner.iteration, _trainable_state(learner))
+            learner.within_bound = (learner.iteration, _trainable_state(learner))
 
         # PPO epochs on the batch, then the KL coefficient follows the measured KL
         stats = {**rollout.stats, **ppo_update(config, learner, rollout)}
@@ -1015,7 +1019,8 @@ def save_checkpoint(
 
     It holds the policy's trainable weights (the adapter, or every weight under full
     fine-tuning), the critic's, the optimizer and schedule, the KL coefficient, the RNG states
-    (the loop's python RNG, torch's and CUDA's) and the iteration. A marker file is written
+    (the loop's python RNG, torch's and CUDA's), the iteration, and with a KL bound the last
+    policy within it (a second copy of the trainable weights). A marker file is written
     last, so a checkpoint interrupted mid-save is never resumed from. With a ``store``
     (``training.checkpoint_uri``) the complete checkpoint is then copied there too.
     """
@@ -1042,6 +1047,9 @@ def save_checkpoint(
         "kl_controller": learner.kl_controller.state_dict(),
         "python_rng": learner.rng.getstate(),
     }
+    if learner.within_bound is not None:
+        state["within_bound_iteration"] = learner.within_bound[0]
+        save_file(learner.within_bound[1], str(folder / WITHIN_BOUND_FILE))
     (folder / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
     (folder / COMPLETE_MARKER).write_text(f"{learner.iteration}\n", encoding="utf-8")
     log.info("ppo: checkpoint at iteration %d: %s", learner.iteration, folder)
@@ -1103,6 +1111,9 @@ def restore_checkpoint(learner: Learner, checkpoint: str | Path) -> None:
     learner.kl_controller.load_state_dict(meta["kl_controller"])
     version, internal, gauss = meta["python_rng"]
     learner.rng.setstate((version, tuple(internal), gauss))
+    if "within_bound_iteration" in meta:
+        weights = load_file(str(folder / WITHIN_BOUND_FILE), device="cpu")
+        learner.within_bound = (int(meta["within_bound_iteration"]), weights)
 
 
 # -- results -------------------------------------------------------------------------------------
