@@ -2,9 +2,9 @@
 
 from typing import Optional
 
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components import gpu_component
+from components import cpu_component, gpu_component
 
 
 @gpu_component
@@ -63,3 +63,28 @@ def contrastive(
     )
     for key, value in result.metrics.items():
         metrics.log_metric(key, value)
+
+
+@cpu_component
+def contrastive_report(
+    training: Input[Metrics], report: Output[Markdown], report_html: Output[HTML]
+):
+    """Show the held-out Spearman correlation and retrieval accuracy@1/MRR of the untrained
+    and the trained encoder side by side.
+
+    The contrastive stage measures both encoders on the eval split, which it never trains on;
+    this step lays the numbers out as a table for the KFP UI.
+
+    Args:
+        training: The contrastive stage's metrics.
+        report: The table as Markdown.
+        report_html: The same table as HTML.
+    """
+    import shutil
+    import tempfile
+
+    from alignpipe import contrastive, reports
+
+    markdown = contrastive.write_report(training.metadata, tempfile.mkdtemp(prefix="contrastive-"))
+    shutil.copyfile(markdown, report.path)
+    shutil.copyfile(markdown.with_name(reports.HTML_FILE), report_html.path)

@@ -1,10 +1,10 @@
-"""The ``contrastive`` pipeline: data prep → base model → contrastive fine-tuning of an encoder.
+"""The ``contrastive`` pipeline: data prep → base model → contrastive fine-tuning → evaluation.
 
 The inputs are text pairs (``anchor``/``positive``/``negative`` or STS-style scored pairs) in any
-layout prep reads. The evaluation is part of the contrastive step: it measures the held-out
-Spearman correlation and retrieval accuracy@1/MRR of the untrained and the trained encoder on
-the same pairs, and puts both on the MLflow parent run, so runs line up in MLflow's comparison
-view.
+layout prep reads. The contrastive step measures the held-out Spearman correlation and
+retrieval accuracy@1/MRR of the untrained and the trained encoder on the same pairs and puts
+both on the MLflow parent run, so runs line up in MLflow's comparison view; the evaluation
+step shows them side by side in the KFP UI.
 """
 
 from typing import Optional
@@ -13,7 +13,7 @@ from kfp import dsl
 from kfp.dsl import Dataset, Metrics
 
 from components.base_model import base_model
-from components.contrastive import contrastive
+from components.contrastive import contrastive, contrastive_report
 from components.prep import prep
 from components.tracking import end_tracking, start_tracking
 from pipelines import resources
@@ -88,7 +88,7 @@ def contrastive_pipeline(
             inputs=pair_inputs, config=prep_config, tracking_uri=tracking_uri, parent_run_id=parent
         ).set_display_name("data prep")
         pairs.set_caching_options(False)  # inputs may be mutable s3:// prefixes
-        encoder_stage(
+        trained = encoder_stage(
             data=pairs.outputs["data"],
             parent_run_id=parent,
             base_model_ref=base_model_ref,
@@ -97,4 +97,5 @@ def contrastive_pipeline(
             tracking_uri=tracking_uri,
             **settings,
         ).set_display_name("encoder")
+        contrastive_report(training=trained.output).set_display_name("evaluation")
     resources.configure(**settings)

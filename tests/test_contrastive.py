@@ -67,6 +67,26 @@ def test_spearman_by_hand():
 # data to training rows
 
 
+def test_report_shows_each_held_out_metric_before_and_after(tmp_path):
+    metrics = {
+        "eval_mrr_initial": 0.25,
+        "eval_mrr": 0.5,
+        "eval_accuracy_at_1_initial": 0.1,
+        "eval_accuracy_at_1": 0.3,
+        "train_loss": 1.0,
+    }
+    text = contrastive.write_report(metrics, tmp_path).read_text()
+    assert text.splitlines()[2:] == [
+        "| held-out metric | untrained encoder | trained encoder | change |",
+        "|---|---|---|---|",
+        "| retrieval accuracy@1 | 0.1 | 0.3 | +0.2 |",
+        "| retrieval MRR | 0.25 | 0.5 | +0.25 |",
+    ]
+    assert "<td>retrieval MRR</td><td>0.25</td>" in (tmp_path / "report.html").read_text()
+    with pytest.raises(DataError, match="pass the contrastive stage's metrics"):
+        contrastive.write_report({"train_loss": 1.0}, tmp_path)
+
+
 def test_preference_pairs_become_triplets():
     record = {
         "prompt": [

@@ -84,3 +84,16 @@ def test_the_encoder_is_saved_as_a_sentence_transformers_folder(pipeline_run):
     _, root = pipeline_run
     [modules] = (root / "kfp").glob("**/contrastive/model/model/modules.json")
     assert any(p.suffix == ".safetensors" for p in modules.parent.iterdir())
+
+
+def test_the_evaluation_step_shows_both_encoders_side_by_side(runs, pipeline_run):
+    _, parent, _ = runs
+    _, root = pipeline_run
+    [report] = (root / "kfp").glob("*/contrastive-report/report")
+    text = report.read_text()
+    metrics = parent.data.metrics
+    before, after = metrics["eval_spearman_initial"], metrics["eval_spearman"]
+    assert "| held-out metric | untrained encoder | trained encoder | change |" in text
+    row = f"| Spearman correlation (scored pairs) | {before:.4g} | {after:.4g} |"
+    assert row in text
+    assert "| retrieval MRR |" in text

@@ -46,7 +46,14 @@ EVERY_STAGE = {
         "multitask",
         "multitask-report",
     ),
-    "contrastive": ("start-tracking", "end-tracking", "prep", "base-model", "contrastive"),
+    "contrastive": (
+        "start-tracking",
+        "end-tracking",
+        "prep",
+        "base-model",
+        "contrastive",
+        "contrastive-report",
+    ),
 }
 
 

@@ -15,11 +15,12 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from alignpipe import models
+from alignpipe import models, reports
 from alignpipe.config import flatten, option
 from alignpipe.data.build import read_stage_split, split_uri
 from alignpipe.errors import ConfigError, DataError
@@ -593,3 +594,33 @@ def _metrics(
     if resume:
         metrics["resumed_from_step"] = float(checkpoint_step(resume))
     return metrics
+
+
+# -- report --------------------------------------------------------------------------------------
+
+HELD_OUT_METRICS = (
+    ("eval_spearman", "Spearman correlation (scored pairs)"),
+    ("eval_accuracy_at_1", "retrieval accuracy@1"),
+    ("eval_mrr", "retrieval MRR"),
+)
+
+
+def write_report(metrics: Mapping[str, float], output: str | Path) -> Path:
+    """Write ``report.md`` and ``report.html``: the held-out metrics of the untrained and the
+    trained encoder, side by side; return ``report.md``.
+
+    Raises:
+        DataError: ``metrics`` holds none of the held-out metrics of the contrastive stage.
+    """
+    rows = []
+    for key, label in HELD_OUT_METRICS:
+        if key in metrics:
+            before, after = metrics[f"{key}_initial"], metrics[key]
+            rows.append((label, f"{before:.4g}", f"{after:.4g}", f"{after - before:+.4g}"))
+    if not rows:
+        raise DataError(
+            "the metrics hold no eval_spearman, eval_accuracy_at_1 or eval_mrr; pass the "
+            "contrastive stage's metrics"
+        )
+    header = ("held-out metric", "untrained encoder", "trained encoder", "change")
+    return reports.write_table("Contrastive evaluation: held-out pairs", header, rows, output)

@@ -9,7 +9,6 @@ the same model loading, ``SFTTrainer``, checkpoints and saving.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import re
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from alignpipe import sft, storage
+from alignpipe import reports, sft, storage
 from alignpipe.config import flatten, option
 from alignpipe.data.build import read_stage_split, split_uri
 from alignpipe.errors import ConfigError, DataError
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-REPORT_FILE = "report.md"
+REPORT_FILE = reports.MARKDOWN_FILE
 # task names end up in metric names (eval_loss/<task>) in MLflow and KFP
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
@@ -313,22 +312,7 @@ def write_report(metrics: Mapping[str, float], output: str | Path) -> dict[str, 
         (name, f"{a:.4g}", f"{b:.4g}", f"{b - a:+.4g}", "" if w is None else f"{w:.3g}")
         for name, a, b, w in rows
     ]
-    title = "Multitask evaluation: held-out loss per task"
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells
-    )
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    page = (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>'
-        f"<body><h1>{title}</h1><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
-        "</table></body></html>\n"
-    )
-    (out / "report.html").write_text(page, encoding="utf-8")
+    reports.write_table("Multitask evaluation: held-out loss per task", header, cells, output)
     keys = ["eval_loss", "eval_loss_initial"]
     keys += [f"eval_loss{suffix}/{t}" for t in tasks for suffix in ("", "_initial")]
     return {key: float(metrics[key]) for key in keys}
