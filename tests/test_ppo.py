@@ -408,6 +408,37 @@ def test_early_stop_kl_ends_the_epochs_of_an_iteration(task: Path, sft_model: st
     assert [v for k, v, _ in tracker.metrics if k == "ppo_steps"] == [2.0, 2.0]
 
 
+def test_adaptive_kl_moves_the_coefficient_by_each_rollouts_kl(task: Path, sft_model: str) -> None:
+    # the coefficient a rollout used follows from the one before and that rollout's KL, by the
+    # controller's rule (tests/test_rl.py derives it by hand); a small horizon makes it move
+    config = ppo_config(
+        sft_model,
+        "training.max_steps=3",
+        "rollout_batch_size=16",
+        "mini_batch_size=8",
+        "training.learning_rate=3e-3",
+        "adaptive_kl=true",
+        "kl_coef=0.1",
+        "kl_target=0.5",
+        "kl_horizon=16",
+    )
+    tracker = NullTracker()
+    learner, tokenizer = ppo.build_learner(config)
+    prompts = ppo.load_prompts(str(task / "prefs"), "train")
+    ppo.train(
+        config, learner, tokenizer, prompts, evaluate.GoldScorer(), task / "adaptive", tracker
+    )
+    coefs = [v for k, v, _ in tracker.metrics if k == "kl_coef"]
+    kls = [v for k, v, _ in tracker.metrics if k == "kl"]
+    assert coefs[0] == pytest.approx(0.1) and len(coefs) == len(kls) == 3
+    afterwards = [*coefs[1:], learner.kl_controller.value]
+    for before, kl, after in zip(coefs, kls, afterwards, strict=True):
+        # n_steps = rollout_batch_size = kl_horizon, so the step is the whole clipped error
+        error = min(max(kl / 0.5 - 1.0, -0.2), 0.2)
+        assert after == pytest.approx(before * (1 + error))
+    assert len(set(coefs)) == 3  # it moved every time
+
+
 # ---------------------------------------------------------------------------------------------
 # resume
 
