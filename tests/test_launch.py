@@ -297,6 +297,22 @@ def test_a_failed_job_raises_a_clear_error(api):
     assert f"kubectl logs -n {NAMESPACE} -l jobset.sigs.k8s.io/jobset-name=" in text
 
 
+def test_a_retry_after_a_failure_replaces_the_failed_job(api):
+    # the launcher's pod is retried by KFP because the job failed: the job is submitted anew
+    # (its stage resumes from the checkpoints), not re-attached to and failed again at once
+    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailure"}]}
+    api.put(NAMESPACE, "trainjobs", manifest())
+    api.script = [failed, RUNNING, COMPLETE]
+    result = run(api)
+    assert (result.state, result.attached) == ("Succeeded", False)
+    [delete] = api.calls("DELETE")
+    assert delete.path.endswith(f"/trainjobs/{result.name}")
+    [post] = api.calls("POST")
+    assert post.body == manifest()
+    methods = [r.method for r in api.requests]
+    assert methods.index("DELETE") < methods.index("POST")
+
+
 def test_the_timeout_fires_and_the_job_is_deleted(api):
     api.script = [RUNNING]  # never finishes
     with pytest.raises(kube.JobTimeoutError, match=r"did not finish within 0\.3 s"):

@@ -195,11 +195,21 @@ def submit_or_attach(
 
     Returns the job as the API has it and whether it already existed. A GET comes first, so a
     restarted launcher never submits twice; a 409 on create (another launcher won the race)
-    also leads to the existing job.
+    also leads to the existing job. An existing job that has failed is the reason this launcher
+    runs again (a KFP retry): it is deleted and submitted anew, and the stage resumes from its
+    checkpoints, rather than re-attaching to the failure.
     """
     kind = manifest["kind"].lower()
     name = manifest["metadata"]["name"]
     existing = _get(client, kind, namespace, name)
+    if existing is not None and job_state(existing)[0] == "Failed":
+        log.warning(
+            "%s %s/%s failed before (%s); deleting it and submitting it again",
+            manifest["kind"], namespace, name, job_state(existing)[1] or "no detail",
+        )  # fmt: skip
+        _delete(client, kind, namespace, name)
+        _wait_until_gone(client, kind, namespace, name)
+        existing = None
     if existing is None:
         try:
             created = client.request("POST", resource_path(kind, namespace), manifest)
@@ -348,6 +358,20 @@ def _delete(client: KubeClient, kind: str, namespace: str, name: str) -> None:
         client.request("DELETE", resource_path(kind, namespace, name), body)
     except KubernetesApiError as err:
         log.warning("could not delete %s %s: %s", kind, name, err)
+
+
+def _wait_until_gone(
+    client: KubeClient, kind: str, namespace: str, name: str, timeout_s: float = 300.0
+) -> None:
+    # deletion of a job and its pods takes a moment; a create before it ends answers 409
+    deadline = time.monotonic() + timeout_s
+    while _get(client, kind, namespace, name) is not None:
+        if time.monotonic() > deadline:
+            raise KubernetesApiError(
+                f"{RESOURCES[kind][2]} {namespace}/{name} was still there {timeout_s:.0f} s "
+                "after its deletion; delete it by hand (kubectl delete) and retry"
+            )
+        time.sleep(2.0)
 
 
 def _created_at(job: Mapping[str, Any]) -> float:
