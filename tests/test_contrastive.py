@@ -223,6 +223,18 @@ def test_training_on_scored_pairs_raises_held_out_spearman(sts, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sentence_transformers_model_trains_on_with_its_own_pooling(sts, tmp_path):
+    # an embedding model is loaded as it is: a run from the first run's encoder (max pooling)
+    # starts where that one ended, although this config's pooling (mean) would embed otherwise
+    first = config(**{**FAST, "model": str(sts / "tiny"), "pooling": "max"})
+    before = contrastive.run(first, str(sts / "data"), str(tmp_path / "first")).metrics
+    second = config(**{**FAST, "model": str(tmp_path / "first"), "pooling": "mean"})
+    after = contrastive.run(second, str(sts / "data"), str(tmp_path / "second")).metrics
+    assert after["eval_spearman_initial"] == pytest.approx(before["eval_spearman"], abs=1e-4)
+    assert after["eval_spearman"] != after["eval_spearman_initial"]
+
+
+@pytest.mark.slow
 def test_in_batch_negatives_raise_held_out_retrieval(sts, tmp_path):
     cfg = config(**{**FAST, "model": str(sts / "tiny"), "loss": "mnrl"})
     metrics = contrastive.run(cfg, str(sts / "data"), str(tmp_path / "out")).metrics
