@@ -20,7 +20,7 @@ PPO_EVAL = {
     "gold_win_rate": 0.70,
     "kl_policy_reference": 4.0,
 }
-DPO_TRAIN = {"train_seconds": 11.0, "train_tokens": 150_000.0, "peak_rss_mb": 900.0}
+DPO_TRAIN = {"train_seconds": 11.0, "train_tokens": 120_000.0, "peak_rss_mb": 900.0}
 RM_TRAIN = {"train_seconds": 5.0, "train_tokens": 60_000.0, "peak_rss_mb": 700.0}
 PPO_TRAIN = {"train_seconds": 40.0, "train_tokens": 90_000.0, "peak_rss_mb": 1100.0}
 
@@ -45,7 +45,7 @@ def test_metrics_are_prefixed_by_branch_and_the_report_has_both(tmp_path):
     report = (tmp_path / "comparison.md").read_text()
     assert "| gold reward | -0.060 | 0.100 | 0.250 |" in report
     assert "| training seconds | | 11.000 | 45.000 |" in report
-    assert "| tokens processed | | 150,000 | 150,000 |" in report
+    assert "| tokens processed | | 120,000 | 150,000 |" in report
 
 
 def test_a_stage_stopped_at_its_kl_bound_is_reported(tmp_path):
