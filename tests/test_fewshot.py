@@ -6,6 +6,7 @@ model with k SFT conversations in front of the prompt, and the fine-tuned policy
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import preference_stages
@@ -124,8 +125,6 @@ def test_report_shows_base_few_shot_and_fine_tuned_side_by_side(run: evaluate.Ev
 
 @pytest.mark.slow
 def test_the_examples_reach_the_base_model_and_fine_tuning_beats_them(run: evaluate.EvalResult):
-    import json
-
     samples = [json.loads(line) for line in (run.output_dir / "samples.jsonl").open()]
     assert all({"base", "few_shot"} <= set(s) for s in samples)
     assert all({"base", "few_shot"} <= set(s["scores"]["gold"]) for s in samples)
@@ -162,8 +161,6 @@ def test_the_component_prompts_the_base_model_step_output(
         report_html=artifact(HTML, "report.html"),
         evaluation=artifact(Artifact, "evaluation"),
     )
-    import json
-
     samples = [json.loads(line) for line in (tmp_path / "evaluation" / "samples.jsonl").open()]
     assert len(samples) == 8
     # the untrained model's answers, not the reference's (which a missing base_model gives)
