@@ -2,7 +2,7 @@
 
 from typing import Optional
 
-from kfp.dsl import Input, Markdown, Metrics, Output
+from kfp.dsl import HTML, Input, Markdown, Metrics, Output
 
 from components import cpu_component
 
@@ -15,6 +15,7 @@ def compare_report(
     reward_model_training: Input[Metrics],
     ppo_training: Input[Metrics],
     report: Output[Markdown],
+    report_html: Output[HTML],
     metrics: Output[Metrics],
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
@@ -33,6 +34,7 @@ def compare_report(
         reward_model_training: The reward model stage's metrics (part of the RLHF cost).
         ppo_training: The PPO stage's metrics.
         report: The comparison as Markdown.
+        report_html: The same comparison as HTML.
         metrics: Every compared number, prefixed by branch.
         tracking_uri: MLflow tracking URI; unset = ``$MLFLOW_TRACKING_URI``.
         parent_run_id: MLflow parent run of this pipeline run.
@@ -53,7 +55,8 @@ def compare_report(
     ]
     folder = tempfile.mkdtemp(prefix="compare-")
     numbers = compare.compare(branches, folder)
-    shutil.copyfile(os.path.join(folder, "comparison.md"), report.path)
+    shutil.copyfile(os.path.join(folder, f"{compare.REPORT}.md"), report.path)
+    shutil.copyfile(os.path.join(folder, f"{compare.REPORT}.html"), report_html.path)
     for key, value in numbers.items():
         metrics.log_metric(key, value)
     uri = tracking.resolve_tracking_uri(tracking_uri)

@@ -1,7 +1,7 @@
 """The comparison report: quality next to cost, per branch, on hand-made metrics."""
 
 import pytest
-from kfp.dsl import Markdown, Metrics
+from kfp.dsl import HTML, Markdown, Metrics
 
 from alignpipe.compare import Branch, compare
 from components.compare import compare_report
@@ -44,8 +44,11 @@ def test_metrics_are_prefixed_by_branch_and_the_report_has_both(tmp_path):
     assert metrics["ppo_peak_rss_mb"] == 1100.0
     report = (tmp_path / "comparison.md").read_text()
     assert "| gold reward | -0.060 | 0.100 | 0.250 |" in report
-    assert "| training seconds | | 11.000 | 45.000 |" in report
-    assert "| tokens processed | | 120,000 | 150,000 |" in report
+    assert "| training seconds |  | 11.000 | 45.000 |" in report
+    assert "| tokens processed |  | 120,000 | 150,000 |" in report
+    assert report.startswith("# Alignment methods compared\n\nEvery branch starts from")
+    html = (tmp_path / "comparison.html").read_text()
+    assert "<tr><td>gold reward</td><td>-0.060</td><td>0.100</td><td>0.250</td></tr>" in html
 
 
 def test_a_stage_stopped_at_its_kl_bound_is_reported(tmp_path):
@@ -75,6 +78,7 @@ def test_compare_component_reads_metrics_artifacts(tmp_path):
         return Metrics(name=name, uri=str(tmp_path / name), metadata=dict(values))
 
     report = Markdown(name="report", uri=str(tmp_path / "report.md"), metadata={})
+    page = HTML(name="report_html", uri=str(tmp_path / "report.html"), metadata={})
     out = Metrics(name="out", uri=str(tmp_path / "out"), metadata={})
     compare_report.python_func(
         dpo_evaluation=metrics("de", DPO_EVAL),
@@ -83,7 +87,9 @@ def test_compare_component_reads_metrics_artifacts(tmp_path):
         reward_model_training=metrics("rt", RM_TRAIN),
         ppo_training=metrics("pt", PPO_TRAIN),
         report=report,
+        report_html=page,
         metrics=out,
     )
     assert out.metadata["ppo_gold_win_rate"] == 0.70
     assert "Alignment methods compared" in (tmp_path / "report.md").read_text()
+    assert "<h1>Alignment methods compared</h1>" in (tmp_path / "report.html").read_text()

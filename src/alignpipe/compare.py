@@ -14,14 +14,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignpipe import reports
+
 log = logging.getLogger(__name__)
 
+REPORT = "comparison"
 # quality rows: (label, metric name suffix or name in the evaluation metrics)
 QUALITY = (
     ("win rate vs SFT", "gold_win_rate"),
     ("KL to SFT", "kl_policy_reference"),
     ("response tokens", "response_tokens_policy_mean"),
     ("preference accuracy", "preference_accuracy"),
+)
+# cost rows: (label, key of Branch.cost())
+COST = (
+    ("training seconds", "train_seconds"),
+    ("tokens processed", "train_tokens"),
+    ("peak memory (MiB)", "peak_rss_mb"),
 )
 
 
@@ -59,7 +68,7 @@ class Branch:
 
 
 def compare(branches: Sequence[Branch], output: str | Path) -> dict[str, float]:
-    """Write ``comparison.md`` and ``comparison.json`` under ``output``; return flat metrics.
+    """Write ``comparison.md``, ``.html`` and ``.json`` under ``output``; return flat metrics.
 
     Metrics are named ``<branch>_<metric>``, e.g. ``dpo_gold_reward_policy`` and
     ``ppo_train_seconds``, so MLflow's comparison view lines runs up by them.
@@ -73,53 +82,51 @@ def compare(branches: Sequence[Branch], output: str | Path) -> dict[str, float]:
         for key, value in {**branch.evaluation, **branch.cost(), **branch.stopped_early()}.items():
             metrics[f"{branch.name}_{key}"] = float(value)
     (out / "comparison.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "comparison.md").write_text(render(branches))
+    write_report(branches, out)
     log.info("comparison of %s written to %s", ", ".join(b.name for b in branches), out)
     return metrics
 
 
-def render(branches: Sequence[Branch]) -> str:
-    """The comparison as a Markdown report (KFP renders it in the run's UI)."""
+INTRO = (
+    "Every branch starts from the same SFT model and is evaluated against it on the same "
+    "held-out prompts with the same scorers and generation settings. Cost sums the branch's "
+    "training stages (a reward model and PPO for RLHF); peak memory is the largest of its "
+    "stages' processes."
+)
+
+
+def write_report(branches: Sequence[Branch], output: Path) -> Path:
+    """Write ``comparison.md`` (KFP renders it in the run's UI) and ``comparison.html``."""
     reference = branches[0].evaluation
     scorers = sorted(
         k.removesuffix("_reward_policy") for k in reference if k.endswith("_reward_policy")
     )
-    header = "| | SFT | " + " | ".join(b.name for b in branches) + " |"
-    rule = "|---" * (len(branches) + 2) + "|"
     rows = []
     for scorer in scorers:
-        sft = reference.get(f"{scorer}_reward_reference")
-        cells = [_fmt(b.evaluation.get(f"{scorer}_reward_policy")) for b in branches]
-        rows.append(f"| {scorer} reward | {_fmt(sft)} | " + " | ".join(cells) + " |")
+        sft = _fmt(reference.get(f"{scorer}_reward_reference"))
+        rows.append(
+            [
+                f"{scorer} reward",
+                sft,
+                *(_fmt(b.evaluation.get(f"{scorer}_reward_policy")) for b in branches),
+            ]
+        )
     for label, key in QUALITY:
         sft = "0.5" if key.endswith("win_rate") else ""
         if key == "response_tokens_policy_mean":
             sft = _fmt(reference.get("response_tokens_reference_mean"))
-        cells = [_fmt(b.evaluation.get(key)) for b in branches]
-        rows.append(f"| {label} | {sft} | " + " | ".join(cells) + " |")
-    cost_rows = [
-        ("training seconds", "train_seconds"),
-        ("tokens processed", "train_tokens"),
-        ("peak memory (MiB)", "peak_rss_mb"),
-    ]
-    for label, key in cost_rows:
-        cells = [_fmt(b.cost().get(key)) for b in branches]
-        rows.append(f"| {label} | | " + " | ".join(cells) + " |")
+        rows.append([label, sft, *(_fmt(b.evaluation.get(key)) for b in branches)])
+    for label, key in COST:
+        rows.append([label, "", *(_fmt(b.cost().get(key)) for b in branches)])
     notes = [
-        f"- {b.name} stopped at its KL bound after {b.stopped_early()['iterations']:.0f} "
+        f"{b.name} stopped at its KL bound after {b.stopped_early()['iterations']:.0f} "
         "iterations and kept the last policy within the bound."
         for b in branches
         if b.stopped_early()
     ]
-    return (
-        "# Alignment methods compared\n\n"
-        "Every branch starts from the same SFT model and is evaluated against it on the same "
-        "held-out prompts with the same scorers and generation settings. Cost sums the "
-        "branch's training stages (a reward model and PPO for RLHF); peak memory is the "
-        "largest of its stages' processes.\n\n"
-        + "\n".join([header, rule, *rows])
-        + "\n"
-        + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    header = ["", "SFT", *(b.name for b in branches)]
+    return reports.write_table(
+        "Alignment methods compared", header, rows, output, intro=INTRO, notes=notes, name=REPORT
     )
 
 
