@@ -70,6 +70,17 @@ def ppo_config(model: str, *overrides: str) -> ppo.PpoStageConfig:
     return load_config(ppo.PpoStageConfig, None, [f"model={model}", *FAST, *overrides])
 
 
+def train_on_gold(
+    config: ppo.PpoStageConfig, learner: ppo.Learner, tokenizer, task: Path, name: str
+) -> tuple[bool, NullTracker]:
+    """PPO iterations on the task's train prompts against the gold rule; what it logged."""
+    tracker = NullTracker()
+    prompts = ppo.load_prompts(str(task / "prefs"), "train")
+    scorer = evaluate.GoldScorer()
+    stopped = ppo.train(config, learner, tokenizer, prompts, scorer, task / name, tracker)
+    return stopped, tracker
+
+
 def token_logprobs(model, prompt_ids, response_ids, temperature: float) -> torch.Tensor:
     """log softmax(logits / temperature) of each response token, by hand, one sequence."""
     ids = torch.tensor([[*prompt_ids, *response_ids]])
@@ -192,16 +203,13 @@ def learned(task: Path, sft_model: str) -> dict:
     learner, tokenizer = ppo.build_learner(config)
     before = {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
     head = {n: p.detach().clone() for n, p in learner.value_head.named_parameters()}
-    prompts = ppo.load_prompts(str(task / "prefs"), "train")
-    tracker = NullTracker()
-    scorer = evaluate.GoldScorer()
-    stopped = ppo.train(config, learner, tokenizer, prompts, scorer, task / "learned", tracker)
+    stopped, tracker = train_on_gold(config, learner, tokenizer, task, "learned")
     assert not stopped and learner.iteration == 3
     return {
         "config": config,
         "learner": learner,
         "tokenizer": tokenizer,
-        "prompts": prompts,
+        "prompts": ppo.load_prompts(str(task / "prefs"), "train"),
         "before": before,
         "head_before": head,
         "tracker": tracker,
@@ -274,10 +282,7 @@ def test_full_fine_tuning_keeps_a_frozen_copy_as_reference(task: Path, sft_model
     assert reference is not None and reference is not learner.policy
     assert not any(p.requires_grad for p in reference.parameters())
     start = models.load_causal_lm(sft_model).state_dict()
-    prompts = ppo.load_prompts(str(task / "prefs"), "train")
-    ppo.train(
-        config, learner, tokenizer, prompts, evaluate.GoldScorer(), task / "full", NullTracker()
-    )
+    train_on_gold(config, learner, tokenizer, task, "full")
     name = "model.embed_tokens.weight"
     assert not torch.equal(learner.policy.state_dict()[name], start[name])
     assert torch.equal(reference.state_dict()[name], start[name])
@@ -401,10 +406,8 @@ def test_early_stop_kl_ends_the_epochs_of_an_iteration(task: Path, sft_model: st
         "training.learning_rate=3e-3",
         "early_stop_kl=1e-6",
     )
-    tracker = NullTracker()
     learner, tokenizer = ppo.build_learner(config)
-    prompts = ppo.load_prompts(str(task / "prefs"), "train")
-    ppo.train(config, learner, tokenizer, prompts, evaluate.GoldScorer(), task / "early", tracker)
+    _, tracker = train_on_gold(config, learner, tokenizer, task, "early")
     assert [v for k, v, _ in tracker.metrics if k == "ppo_steps"] == [2.0, 2.0]
 
 
@@ -422,12 +425,8 @@ def test_adaptive_kl_moves_the_coefficient_by_each_rollouts_kl(task: Path, sft_m
         "kl_target=0.5",
         "kl_horizon=16",
     )
-    tracker = NullTracker()
     learner, tokenizer = ppo.build_learner(config)
-    prompts = ppo.load_prompts(str(task / "prefs"), "train")
-    ppo.train(
-        config, learner, tokenizer, prompts, evaluate.GoldScorer(), task / "adaptive", tracker
-    )
+    _, tracker = train_on_gold(config, learner, tokenizer, task, "adaptive")
     coefs = [v for k, v, _ in tracker.metrics if k == "kl_coef"]
     kls = [v for k, v, _ in tracker.metrics if k == "kl"]
     assert coefs[0] == pytest.approx(0.1) and len(coefs) == len(kls) == 3

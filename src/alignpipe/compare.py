@@ -118,15 +118,19 @@ def write_report(branches: Sequence[Branch], output: Path) -> Path:
         rows.append([label, sft, *(_fmt(b.evaluation.get(key)) for b in branches)])
     for label, key in COST:
         rows.append([label, "", *(_fmt(b.cost().get(key)) for b in branches)])
-    notes = [
-        f"{b.name} stopped at its KL bound after {b.stopped_early()['iterations']:.0f} "
-        "iterations and kept the last policy within the bound."
-        for b in branches
-        if b.stopped_early()
-    ]
+    stops = {b.name: b.stopped_early() for b in branches}
+    notes = [stop_note(name, stop["iterations"]) for name, stop in stops.items() if stop]
     header = ["", "SFT", *(b.name for b in branches)]
     return reports.write_table(
         "Alignment methods compared", header, rows, output, intro=INTRO, notes=notes, name=REPORT
+    )
+
+
+def stop_note(name: str, iterations: float) -> str:
+    """The line that says a branch's PPO ended at its KL bound (the report's, the demo's)."""
+    return (
+        f"{name} stopped at its KL bound after {iterations:.0f} iterations and kept the last "
+        "policy within the bound."
     )
 
 

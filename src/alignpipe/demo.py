@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignpipe import synthetic
+from alignpipe import compare, synthetic
 
 log = logging.getLogger("alignpipe.demo")
 
@@ -214,11 +214,7 @@ def print_table(table: dict[str, Any]) -> None:
         print(f"{name:<6}" + "".join(f"{fmt(row.get(k)):>17}" for k in keys))
     for name, row in table["models"].items():
         if row.get("stopped_at_kl_bound_after"):
-            print(
-                f"{name} stopped at its KL bound (max_kl_to_reference) after "
-                f"{row['stopped_at_kl_bound_after']:.0f} iterations and kept the last policy "
-                "within it"
-            )
+            print(compare.stop_note(name, row["stopped_at_kl_bound_after"]))
     if table["gate_passed"] is not None:
         print(f"\ngate passed: {table['gate_passed']}")
     print(f"pipeline {table['pipeline']}: {table['status']}")

@@ -202,10 +202,11 @@ def submit_or_attach(
     kind = manifest["kind"].lower()
     name = manifest["metadata"]["name"]
     existing = _get(client, kind, namespace, name)
-    if existing is not None and job_state(existing)[0] == "Failed":
+    state, detail = job_state(existing) if existing is not None else ("", "")
+    if state == "Failed":
         log.warning(
             "%s %s/%s failed before (%s); deleting it and submitting it again",
-            manifest["kind"], namespace, name, job_state(existing)[1] or "no detail",
+            manifest["kind"], namespace, name, detail or "no detail",
         )  # fmt: skip
         _delete(client, kind, namespace, name)
         _wait_until_gone(client, kind, namespace, name)
